@@ -1,0 +1,1 @@
+"""Kernel implementations, one folder per op."""

@@ -1,0 +1,1 @@
+"""Householder-product apply: reference math, torch/Triton backends and the autograd wrapper."""

@@ -1,0 +1,66 @@
+"""Test helpers shared by the test suite and the benchmarks: one tolerance table by dtype,
+a relative-error assert, and input makers."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+# Relative RMS error ||got - ref||_F / ||ref||_F allowed for a Householder apply whose result is
+# stored in this dtype (ref computed in float64). Half precision: one rounding on store is
+# 2^-9 (bf16) / 2^-12 (fp16) relative, so RMS ~ 0.3x that; the table leaves a 4-8x margin.
+# float32: accumulation over n terms, scaled by sqrt(n) in `tolerance`.
+RELATIVE_TOLERANCE: dict[torch.dtype, float] = {
+    torch.float64: 1e-12,
+    torch.float32: 2e-7,
+    torch.float16: 2e-3,
+    torch.bfloat16: 1.6e-2,
+}
+# Triton on a GPU runs tl.dot in tf32 for float32 inputs (10-bit mantissa).
+GPU_TF32_TOLERANCE = 5e-3
+
+
+def tolerance(dtype: torch.dtype, reduction: int = 1) -> float:
+    """Relative RMS tolerance for results stored in ``dtype`` after a reduction of this length."""
+    base = RELATIVE_TOLERANCE[dtype]
+    if dtype in (torch.float32, torch.float64):
+        return base * max(1.0, float(reduction) ** 0.5)
+    return base
+
+
+def relative_error(got: Tensor, ref: Tensor) -> float:
+    """``||got - ref||_F / ||ref||_F`` in float64 (0 when both are empty or zero)."""
+    got64, ref64 = got.detach().double(), ref.detach().double()
+    denom = torch.linalg.vector_norm(ref64).item()
+    diff = torch.linalg.vector_norm(got64 - ref64).item()
+    if denom == 0.0:
+        return diff
+    return diff / denom
+
+
+def assert_close(name: str, ref: Tensor, got: Tensor, rtol: float) -> None:
+    """Assert a relative RMS error below ``rtol``; the message names the tensor and the numbers."""
+    if got.shape != ref.shape:
+        raise AssertionError(f"{name}: shape {tuple(got.shape)} != reference {tuple(ref.shape)}")
+    if not torch.isfinite(got).all():
+        raise AssertionError(f"{name}: non-finite values in the result")
+    err = relative_error(got, ref)
+    if not err <= rtol:
+        max_abs = (got.detach().double() - ref.detach().double()).abs().max().item()
+        raise AssertionError(f"{name}: relative error {err:.3e} > {rtol:.1e} (max abs diff {max_abs:.3e})")
+
+
+def make_vectors(
+    k: int, n: int, *, batch: tuple[int, ...] = (), dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu", generator: torch.Generator | None = None,
+) -> Tensor:
+    """Random Householder vectors (rows), Gaussian: well conditioned, norm ~ sqrt(n)."""
+    return torch.randn(*batch, k, n, dtype=dtype, device=device, generator=generator)
+
+
+def make_weight(
+    rows: int, cols: int, *, batch: tuple[int, ...] = (), dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu", generator: torch.Generator | None = None,
+) -> Tensor:
+    """Random weight matrix with entries of unit variance."""
+    return torch.randn(*batch, rows, cols, dtype=torch.float32, device=device, generator=generator).to(dtype)
