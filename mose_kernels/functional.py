@@ -18,14 +18,18 @@ _W_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 _SIDES = ("left", "right")
 
 
-def _check_vectors(V: Tensor) -> None:
+def _check_vector_layout(V: Tensor) -> None:
     if not isinstance(V, Tensor):
         raise TypeError(f"V must be a torch.Tensor of shape (k, n), got {type(V).__name__}")
     if not V.is_floating_point() or V.is_complex():
         raise TypeError(f"V must be a real floating-point tensor, got dtype {V.dtype}")
     if V.dim() < 2:
         raise ValueError(f"V must have shape (k, n) or (..., k, n), got shape {tuple(V.shape)}")
-    if V.shape[-2] == 0:
+
+
+def _check_vector_values(V: Tensor) -> None:
+    """Finite, non-zero rows. Skipped while torch.compile traces (data-dependent checks)."""
+    if V.shape[-2] == 0 or torch.compiler.is_compiling():
         return
     if not torch.isfinite(V).all():
         raise ValueError("V contains NaN or Inf; every Householder vector must be finite")
@@ -36,6 +40,11 @@ def _check_vectors(V: Tensor) -> None:
             f"V has zero-norm rows (flattened row indices {bad}); every Householder vector must "
             "be non-zero"
         )
+
+
+def _check_vectors(V: Tensor) -> None:
+    _check_vector_layout(V)
+    _check_vector_values(V)
 
 
 def _check_apply_args(W: Tensor, V: Tensor, side: str, transpose: bool) -> None:
@@ -49,7 +58,7 @@ def _check_apply_args(W: Tensor, V: Tensor, side: str, transpose: bool) -> None:
         raise ValueError(f"side must be 'left' or 'right', got {side!r}")
     if not isinstance(transpose, bool):
         raise TypeError(f"transpose must be a bool, got {type(transpose).__name__}")
-    _check_vectors(V)
+    _check_vector_layout(V)
     if W.dim() < 2:
         raise ValueError(f"W must be a matrix or a batch of matrices, got shape {tuple(W.shape)}")
     if V.device != W.device:
@@ -67,6 +76,7 @@ def _check_apply_args(W: Tensor, V: Tensor, side: str, transpose: bool) -> None:
             f"batched V {tuple(V.shape)} needs W with the same leading dimensions, got W "
             f"{tuple(W.shape)}; pass a 2-D V to apply one Q to every matrix of the batch"
         )
+    _check_vector_values(V)
 
 
 def wy_factor(V: Tensor) -> Tensor:

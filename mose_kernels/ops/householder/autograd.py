@@ -1,6 +1,7 @@
 """Autograd wrapper of the Householder apply: maps every side and transpose onto the canonical
-left-side batch ``(b, n, m)`` that the backends implement, and saves only ``V``, ``T`` and
-``X = V W`` (``k x k`` and ``k x m`` extras; never ``Q`` or another ``n x m`` tensor)."""
+left-side batch ``(b, n, m)`` that the backends implement, normalises the vectors, and saves only
+the unit vectors, ``T`` and ``X = U W`` (``k x k`` and ``k x m`` extras; never ``Q`` or another
+``n x m`` tensor)."""
 
 from __future__ import annotations
 
@@ -29,10 +30,14 @@ def flatten_batch(x: Tensor) -> Tensor:
     return x.reshape(-1, *x.shape[-2:])
 
 
-def prepare_vectors(V: Tensor, batch: int, dtype: torch.dtype) -> Tensor:
-    """``V`` as a contiguous ``(batch, k, n)`` tensor in the compute dtype."""
+def prepare_vectors(V: Tensor, batch: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """Unit rows of ``V`` as a contiguous ``(batch, k, n)`` tensor in the compute dtype, and the
+    row norms. A reflection does not depend on its vector's scale; unit rows keep ``T`` well
+    scaled (``T^{-1} = I/2 + striu(U U^T)``) whatever the norms the caller passes."""
     V3 = flatten_batch(V).to(dtype)
-    return V3.expand(batch, *V3.shape[-2:]).contiguous()
+    norms = torch.linalg.vector_norm(V3, dim=-1, keepdim=True)
+    U3 = (V3 / norms).expand(batch, *V3.shape[-2:]).contiguous()
+    return U3, norms
 
 
 def apply_inplace(W: Tensor, V: Tensor, side: str, transpose: bool, backend: Backend) -> None:
@@ -43,8 +48,8 @@ def apply_inplace(W: Tensor, V: Tensor, side: str, transpose: bool, backend: Bac
     if W3.data_ptr() != Wc.data_ptr():  # reshape had to copy
         W.copy_(apply(W, V, side, transpose, backend))
         return
-    V3 = prepare_vectors(V, W3.shape[0], compute_dtype(W.dtype))
-    backend.forward(W3, V3, backend.factor(V3), t, W3)
+    U3, _ = prepare_vectors(V, W3.shape[0], compute_dtype(W.dtype))
+    backend.forward(W3, U3, backend.factor(U3), t, W3)
 
 
 class HouseholderApplyFunction(torch.autograd.Function):
@@ -55,27 +60,30 @@ class HouseholderApplyFunction(torch.autograd.Function):
         out = torch.empty(W.shape, dtype=W.dtype, device=W.device)
         Wc, t = to_canonical(W, side, transpose)
         W3 = flatten_batch(Wc)
-        V3 = prepare_vectors(V, W3.shape[0], compute_dtype(W.dtype))
-        T3 = backend.factor(V3)
-        X3 = backend.forward(W3, V3, T3, t, flatten_batch(to_canonical(out, side, transpose)[0]))
-        ctx.save_for_backward(W3, V3, T3, X3)
+        U3, norms = prepare_vectors(V, W3.shape[0], compute_dtype(W.dtype))
+        T3 = backend.factor(U3)
+        X3 = backend.forward(W3, U3, T3, t, flatten_batch(to_canonical(out, side, transpose)[0]))
+        ctx.save_for_backward(W3, U3, T3, X3, norms)
         ctx.meta = (side, t, W.shape, V.shape, V.dtype, backend)
         return out
 
     @staticmethod
     def backward(ctx, dY: Tensor):
-        W3, V3, T3, X3 = ctx.saved_tensors
+        W3, U3, T3, X3, norms = ctx.saved_tensors
         side, t, w_shape, v_shape, v_dtype, backend = ctx.meta
         need_dW, need_dV = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         dY3 = flatten_batch(to_canonical(dY, side, False)[0])
-        dW3, dV3 = backend.backward(dY3, W3, V3, T3, X3, t, need_dW, need_dV)
+        dW3, dU3 = backend.backward(dY3, W3, U3, T3, X3, t, need_dW, need_dV)
         dW = dV = None
         if dW3 is not None:
             dWc = dW3.reshape(*w_shape[:-2], *dW3.shape[-2:])
             dW = dWc if side == "left" else dWc.transpose(-1, -2)
-        if dV3 is not None:
-            if len(v_shape) == 2 and dV3.shape[0] > 1:
-                dV3 = dV3.sum(0, keepdim=True)
+        if dU3 is not None:
+            if dU3.shape[0] != norms.shape[0]:  # one V broadcast over the batch
+                dU3 = dU3.sum(0, keepdim=True)
+            U = U3[: norms.shape[0]]
+            # through u = v / |v|: dv = (du - (du . u) u) / |v|
+            dV3 = (dU3 - (dU3 * U).sum(-1, keepdim=True) * U) / norms
             dV = dV3.reshape(v_shape).to(v_dtype)
         return dW, dV, None, None, None
 
