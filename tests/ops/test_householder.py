@@ -297,3 +297,18 @@ def test_half_weight_with_float32_vectors_rounds_once():
 
 def test_available_backends_lists_reference():
     assert "reference" in mk.available_backends()
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b not in SLOW_BACKENDS])
+def test_torch_compile_fullgraph_forward_and_backward(backend):
+    """Dynamo traces the public API without graph breaks (aot_eager: tracing and autograd, no codegen)."""
+    W, V = make_weight(64, 32), make_vectors(4, 64)
+    compiled = torch.compile(
+        lambda w, v: mk.householder_apply(w, v, transpose=True, backend=backend), fullgraph=True, backend="aot_eager"
+    )
+    Wg, Vg = W.clone().requires_grad_(), V.clone().requires_grad_()
+    (compiled(Wg, Vg) * W).sum().backward()
+    We, Ve = W.clone().requires_grad_(), V.clone().requires_grad_()
+    (mk.householder_apply(We, Ve, transpose=True, backend=backend) * W).sum().backward()
+    assert_close("dV", Ve.grad, Vg.grad, 1e-6)
+    assert_close("dW", We.grad, Wg.grad, 1e-6)
