@@ -1,0 +1,113 @@
+"""The ``triton`` backend: compact WY with Triton kernels (contract in :mod:`mose_kernels.backends`).
+
+Kernels, one family per file beside this one:
+
+- ``triton_factor``: ``G = V V^T`` split over n, then ``T = S^{-1}`` by the LARFT recurrence.
+- ``triton_apply``: the fused forward, one launch over column stripes (``k <= 128``).
+- ``triton_project`` + ``triton_update``: the split forward ``X = V W`` (split-n with atomics for
+  small ``m``), ``P = A X`` (``k x k`` by ``k x m`` in torch), ``Y = W - V^T P``; used for
+  ``k > 128`` or when the stripes of the fused kernel would leave most SMs idle.
+- ``triton_apply_bwd``: ``dV`` in one pass over ``dY`` and ``W``; ``dW = Q^T dY`` reuses the
+  forward (which also returns ``Z = V dY``).
+
+Runs on CUDA, or on CPU tensors in the Triton interpreter (``TRITON_INTERPRET=1`` set before
+``triton`` is imported). float32 / float16 / bfloat16 weights; ``V``, ``T`` and all accumulation
+in float32.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+from torch import Tensor
+
+from mose_kernels.backends import Backend
+from mose_kernels.ops.householder.triton_apply import wy_apply_fused
+from mose_kernels.ops.householder.triton_apply_bwd import wy_apply_bwd_dv
+from mose_kernels.ops.householder.triton_common import MAX_FUSED_BK, sm_count
+from mose_kernels.ops.householder.triton_factor import wy_factor
+from mose_kernels.ops.householder.triton_project import project
+from mose_kernels.ops.householder.triton_update import update
+
+logger = logging.getLogger(__name__)
+
+# The fused kernel runs one program per 32..64-column stripe; below this fraction of the SMs
+# busy, the split path (more, smaller programs, W read twice from HBM) is the faster bet.
+_MIN_STRIPE_FRACTION = 0.5
+
+
+def use_fused(b: int, m: int, k: int, device: torch.device) -> bool:
+    """Whether the one-launch forward applies: ``k <= 128`` and enough 32-column stripes."""
+    stripes = b * ((m + 31) // 32)
+    return k <= MAX_FUSED_BK and stripes >= _MIN_STRIPE_FRACTION * sm_count(device)
+
+
+def _reflector_matrix(T: Tensor, transpose: bool) -> Tensor:
+    return T.transpose(-1, -2) if transpose else T
+
+
+def forward(
+    W: Tensor, V: Tensor, T: Tensor, transpose: bool, out: Tensor, fused: bool | None = None
+) -> Tensor:
+    """``out = Q W`` (``Q^T W``); returns ``X = V W``. ``fused`` forces a path (tests)."""
+    b, _, m = W.shape
+    k = V.shape[1]
+    if fused is None:
+        fused = use_fused(b, m, k, W.device)
+    if fused:
+        return wy_apply_fused(W, V, T, transpose, out)
+    X = project(V, W)
+    update(W, V, _reflector_matrix(T, transpose) @ X, out)
+    return X
+
+
+def backward(
+    dY: Tensor,
+    W: Tensor,
+    V: Tensor,
+    T: Tensor,
+    X: Tensor,
+    transpose: bool,
+    need_dW: bool,
+    need_dV: bool,
+    fused: bool | None = None,
+) -> tuple[Tensor | None, Tensor | None]:
+    """Gradients of ``Y = W - V^T A X`` (``A = T``, or ``T^T`` if ``transpose``); see MOSE_NOTES 2."""
+    A = _reflector_matrix(T, transpose)
+    dW = None
+    if need_dW:
+        dW = torch.empty(dY.shape, dtype=W.dtype, device=W.device)
+        Z = forward(dY, V, T, not transpose, dW, fused=fused)  # dW = Q^T dY (Q dY), Z = V dY
+    elif need_dV:
+        Z = project(V, dY)
+    dV = None
+    if need_dV:
+        P = A @ X
+        R = A.transpose(-1, -2) @ Z
+        M = X @ Z.transpose(-1, -2) if transpose else Z @ X.transpose(-1, -2)  # -dL/dT
+        Tt = T.transpose(-1, -2)
+        dS = Tt @ M @ Tt
+        dG = torch.triu(dS, diagonal=1) + torch.diag_embed(0.5 * torch.diagonal(dS, dim1=-2, dim2=-1))
+        dV = wy_apply_bwd_dv(dY, W, V, (dG + dG.transpose(-1, -2)).contiguous(), P, R)
+    return dW, dV
+
+
+def load_backend() -> Backend | None:
+    """The Triton backend, or ``None`` when Triton cannot run here (no GPU and no interpreter)."""
+    if torch.cuda.is_available():
+        devices = frozenset({"cuda"})
+    elif os.environ.get("TRITON_INTERPRET") == "1":
+        devices = frozenset({"cpu"})
+    else:
+        logger.debug("triton backend unavailable: no CUDA device and TRITON_INTERPRET is not 1")
+        return None
+    return Backend(
+        name="triton",
+        devices=devices,
+        dtypes=frozenset({torch.float32, torch.float16, torch.bfloat16}),
+        factor=wy_factor,
+        forward=forward,
+        backward=backward,
+    )
