@@ -9,7 +9,6 @@ the backward of the apply composes them (``X``, ``P`` and ``Z`` are ``k x m``; n
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import logging
 
@@ -38,19 +37,8 @@ def _load_library(module: str) -> bool:
     return True
 
 
-@functools.cache
-def _load_ops(device_type: str) -> bool:
-    """Load the schemas and CPU kernels, plus the CUDA kernels for ``device_type="cuda"``."""
-    if not _load_library("_C"):
-        return False
-    _register_fakes()
-    if device_type == "cuda":
-        return _load_library("_C_cuda")
-    return True
-
-
 def _register_fakes() -> None:
-    """Shape-only kernels of every op, for torch.compile and meta tensors (called once)."""
+    """Shape-only kernels of every op, for torch.compile and meta tensors (called once, at import)."""
 
     @torch.library.register_fake("mose::wy_factor")
     def _(V: Tensor) -> Tensor:
@@ -115,20 +103,34 @@ def backward(
     return dW, dV
 
 
-def load_backend(device_type: str) -> Backend | None:
-    """The native backend for ``device_type`` (``"cpu"`` or ``"cuda"``), or ``None`` when its library
-    is not built, cannot load, or (for CUDA) no GPU is visible."""
-    if device_type not in ("cpu", "cuda"):
-        raise ValueError(f"device_type must be 'cpu' or 'cuda', got {device_type!r}")
-    if device_type == "cuda" and not torch.cuda.is_available():
-        return None
-    if not _load_ops(device_type):
-        return None
+def _make_backend(device_type: str, dtypes: frozenset[torch.dtype]) -> Backend:
     return Backend(
         name=device_type,
         devices=frozenset({device_type}),
-        dtypes=_CPU_DTYPES if device_type == "cpu" else _CUDA_DTYPES,
+        dtypes=dtypes,
         factor=factor,
         forward=forward,
         backward=backward,
     )
+
+
+# Loaded once, at import (like a compiled module), so that backend lookups traced by torch.compile
+# never reach torch.ops.load_library.
+HAS_CPU = _load_library("_C")
+if HAS_CPU:
+    _register_fakes()
+HAS_CUDA = HAS_CPU and _load_library("_C_cuda")
+_BACKENDS: dict[str, Backend | None] = {
+    "cpu": _make_backend("cpu", _CPU_DTYPES) if HAS_CPU else None,
+    "cuda": _make_backend("cuda", _CUDA_DTYPES) if HAS_CUDA else None,
+}
+
+
+def load_backend(device_type: str) -> Backend | None:
+    """The native backend for ``device_type`` (``"cpu"`` or ``"cuda"``), or ``None`` when its library
+    is not built, cannot load, or (for CUDA) no GPU is visible."""
+    if device_type not in _BACKENDS:
+        raise ValueError(f"device_type must be 'cpu' or 'cuda', got {device_type!r}")
+    if device_type == "cuda" and not torch.cuda.is_available():
+        return None
+    return _BACKENDS[device_type]
