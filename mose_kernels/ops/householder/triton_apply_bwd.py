@@ -1,11 +1,14 @@
-"""Triton backward of the compact-WY apply for ``V``: one pass over ``dY`` and ``W`` together,
-``dV = C V - P dY^T - R W^T`` with ``C = dG + dG^T`` (``k x k``), ``P = A X`` and
-``R = A^T Z`` (``k x m``, fp32; formed by the caller, ``Z = V dY``).
+"""Triton backward of the compact-WY apply: one pass over ``dY`` and ``W`` together that writes
+``dV = C V - P dY^T - R W^T`` and, for ``k <= 128``, ``dW = dY - V^T R`` as well, with
+``C = dG + dG^T`` (``k x k``), ``P = A X`` and ``R = A^T Z`` (``k x m``, fp32, formed by the caller
+from ``Z = V dY``, one projection pass over ``dY`` before this one).
 
-Grid ``(cdiv(n, BN), cdiv(k, BK), b)``: a program owns a ``BK x BN`` tile of ``dV``, starts from
-``C[kb, :] V[:, nb]`` and streams the ``BN``-row strip of ``dY`` and ``W`` along ``m``. ``dY``
-and ``W`` are read once when ``k <= BK``. ``dW = Q^T dY`` needs no kernel of its own: it is the
-forward apply on ``dY`` with the transpose flipped, which also returns ``Z``.
+Grid ``(cdiv(n, BN), cdiv(k, BK), b)``: a program owns the ``BN``-row strip ``nb`` of ``dY``, ``W``
+(and ``dW``) and the ``BK x BN`` tile ``dV[kb, nb]``; it starts from ``C[kb, :] V[:, nb]`` and
+streams the strip along ``m``. ``dY`` and ``W`` are read once when ``k <= BK``, so the backward of
+both gradients moves 4 ``n x m`` arrays (``dY`` twice, ``W``, ``dW``) against the 3 of a floor that
+ignores the ``Z`` dependency. ``dW`` alone is the forward apply on ``dY`` with the transpose
+flipped (``dW = Q^T dY``), which also returns ``Z``.
 """
 
 from __future__ import annotations
@@ -15,20 +18,22 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from mose_kernels.ops.householder.triton_common import block_k, configs, dot_precision
+from mose_kernels.ops.householder.triton_common import block_k, configs, dot_precision, round_to
 
 _CONFIGS = configs([{"BN": 64, "BM": 64}, {"BN": 32, "BM": 128}, {"BN": 128, "BM": 32}], [(4, 3), (8, 3)])
 
 
-@triton.autotune(configs=_CONFIGS, key=["BK", "m"])
+@triton.autotune(configs=_CONFIGS, key=["BK", "m", "WRITE_DW"])
 @triton.jit
-def wy_apply_bwd_dv_kernel(
-    dy, w, v, c, p, r, dv, n, m, k,
-    s_db, s_dn, s_dm, s_wb, s_wn, s_wm,
-    PRECISION: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr,
+def wy_apply_bwd_kernel(
+    dy, w, v, c, p, r, dv, dw, n, m, k,
+    s_db, s_dn, s_dm, s_wb, s_wn, s_wm, s_gb, s_gn, s_gm,
+    WRITE_DW: tl.constexpr, PRECISION: tl.constexpr,
+    BK: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr,
 ):
-    """Grid (cdiv(n, BN), cdiv(k, BK), b). ``dy``, ``w`` (b, n, m) strided; ``v`` (b, k, n),
-    ``c`` (b, k, k), ``p``/``r`` (b, k, m), ``dv`` (b, k, n) contiguous fp32."""
+    """Grid (cdiv(n, BN), cdiv(k, BK), b); ``WRITE_DW`` needs a single k block. ``dy``, ``w``, ``dw``
+    (b, n, m) strided; ``v`` (b, k, n), ``c`` (b, k, k), ``p``/``r`` (b, k, m), ``dv`` (b, k, n)
+    contiguous fp32."""
     i_n, i_k, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b = i_b.to(tl.int64)
     o_n = i_n * BN + tl.arange(0, BN)
@@ -44,6 +49,9 @@ def wy_apply_bwd_dv_kernel(
                       other=0.0)
         b_v = tl.load(p_v + o_j[:, None] * n + o_n[None, :], mask=m_j[:, None] & m_n[None, :], other=0.0)
         b_dv = tl.dot(b_c, b_v, b_dv, input_precision="ieee")
+    if WRITE_DW:
+        b_vt = tl.trans(tl.load(p_v + o_k[:, None] * n + o_n[None, :], mask=m_k[:, None] & m_n[None, :],
+                                other=0.0))
 
     for i_m in range(0, m, BM):
         o_m = i_m + tl.arange(0, BM)
@@ -53,24 +61,35 @@ def wy_apply_bwd_dv_kernel(
         b_p = tl.load(p + i_b * k * m + o_k[:, None] * m + o_m[None, :], mask=m_km, other=0.0)
         b_r = tl.load(r + i_b * k * m + o_k[:, None] * m + o_m[None, :], mask=m_km, other=0.0)
         b_dy = tl.load(dy + i_b * s_db + o_n[:, None] * s_dn + o_m[None, :] * s_dm, mask=m_nm, other=0.0)
+        b_dy = b_dy.to(tl.float32)
         b_w = tl.load(w + i_b * s_wb + o_n[:, None] * s_wn + o_m[None, :] * s_wm, mask=m_nm, other=0.0)
-        b_dv -= tl.dot(b_p, tl.trans(b_dy.to(tl.float32)), input_precision=PRECISION)
+        b_dv -= tl.dot(b_p, tl.trans(b_dy), input_precision=PRECISION)
         b_dv -= tl.dot(b_r, tl.trans(b_w.to(tl.float32)), input_precision=PRECISION)
+        if WRITE_DW:
+            b_dw = b_dy - tl.dot(b_vt, b_r, input_precision=PRECISION)
+            p_dw = dw + i_b * s_gb + o_n[:, None] * s_gn + o_m[None, :] * s_gm
+            tl.store(p_dw, round_to(b_dw, dw.dtype.element_ty), mask=m_nm)
     tl.store(dv + i_b * k * n + o_k[:, None] * n + o_n[None, :], b_dv, mask=m_k[:, None] & m_n[None, :])
 
 
-def wy_apply_bwd_dv(dY: Tensor, W: Tensor, V: Tensor, C: Tensor, P: Tensor, R: Tensor) -> Tensor:
-    """``dV = C V - P dY^T - R W^T`` as (b, k, n) fp32 (see the module docstring)."""
+def wy_apply_bwd(
+    dY: Tensor, W: Tensor, V: Tensor, C: Tensor, P: Tensor, R: Tensor, dW: Tensor | None = None
+) -> Tensor:
+    """``dV = C V - P dY^T - R W^T`` as (b, k, n) fp32; also writes ``dW = dY - V^T R`` into ``dW``
+    when given (needs ``k <= 128``). See the module docstring."""
     b, n, m = W.shape
     k = V.shape[1]
     dV = torch.empty(b, k, n, dtype=torch.float32, device=W.device)
     BK = block_k(k)
+    if dW is not None and k > BK:
+        raise ValueError(f"the fused dW needs k <= {BK}, got k = {k}")
 
     def grid(meta):
         return (triton.cdiv(n, meta["BN"]), triton.cdiv(k, BK), b)
 
-    wy_apply_bwd_dv_kernel[grid](
-        dY, W, V, C, P, R, dV, n, m, k, *dY.stride(), *W.stride(),
-        PRECISION=dot_precision(W.dtype), BK=BK,
+    out = dV if dW is None else dW  # dw is unused when WRITE_DW is off
+    wy_apply_bwd_kernel[grid](
+        dY, W, V, C, P, R, dV, out, n, m, k, *dY.stride(), *W.stride(), *out.stride()[-3:],
+        WRITE_DW=dW is not None, PRECISION=dot_precision(W.dtype), BK=BK,
     )
     return dV

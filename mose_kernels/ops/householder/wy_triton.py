@@ -7,8 +7,8 @@ Kernels, one family per file beside this one:
 - ``triton_project`` + ``triton_update``: the split forward ``X = V W`` (split-n with atomics for
   small ``m``), ``P = A X`` (``k x k`` by ``k x m`` in torch), ``Y = W - V^T P``; used for
   ``k > 128`` or when the stripes of the fused kernel would leave most SMs idle.
-- ``triton_apply_bwd``: ``dV`` in one pass over ``dY`` and ``W``; ``dW = Q^T dY`` reuses the
-  forward (which also returns ``Z = V dY``).
+- ``triton_apply_bwd``: ``dV`` and ``dW`` in one pass over ``dY`` and ``W`` after ``Z = V dY``
+  (``triton_project``); ``dW`` alone (or ``k > 128``) reuses the forward: ``dW = Q^T dY``.
 
 Runs on CUDA, or on CPU tensors in the Triton interpreter (``TRITON_INTERPRET=1`` set before
 ``triton`` is imported). float32 / float16 / bfloat16 weights; ``V``, ``T`` and all accumulation
@@ -25,7 +25,7 @@ from torch import Tensor
 
 from mose_kernels.backends import Backend
 from mose_kernels.ops.householder.triton_apply import wy_apply_fused
-from mose_kernels.ops.householder.triton_apply_bwd import wy_apply_bwd_dv
+from mose_kernels.ops.householder.triton_apply_bwd import wy_apply_bwd
 from mose_kernels.ops.householder.triton_common import MAX_FUSED_BK, sm_count
 from mose_kernels.ops.householder.triton_factor import wy_factor
 from mose_kernels.ops.householder.triton_project import project
@@ -74,23 +74,29 @@ def backward(
     need_dV: bool,
     fused: bool | None = None,
 ) -> tuple[Tensor | None, Tensor | None]:
-    """Gradients of ``Y = W - V^T A X`` (``A = T``, or ``T^T`` if ``transpose``); see MOSE_NOTES 2."""
-    A = _reflector_matrix(T, transpose)
-    dW = None
-    if need_dW:
+    """Gradients of ``Y = W - V^T A X`` (``A = T``, or ``T^T`` if ``transpose``); see MOSE_NOTES 2.
+
+    ``fused`` forces the forward path used for ``dW = Q^T dY`` when ``dW`` comes from the forward.
+    """
+    if not need_dV:
+        if not need_dW:
+            return None, None
         dW = torch.empty(dY.shape, dtype=W.dtype, device=W.device)
-        Z = forward(dY, V, T, not transpose, dW, fused=fused)  # dW = Q^T dY (Q dY), Z = V dY
-    elif need_dV:
-        Z = project(V, dY)
-    dV = None
-    if need_dV:
-        P = A @ X
-        R = A.transpose(-1, -2) @ Z
-        M = X @ Z.transpose(-1, -2) if transpose else Z @ X.transpose(-1, -2)  # -dL/dT
-        Tt = T.transpose(-1, -2)
-        dS = Tt @ M @ Tt
-        dG = torch.triu(dS, diagonal=1) + torch.diag_embed(0.5 * torch.diagonal(dS, dim1=-2, dim2=-1))
-        dV = wy_apply_bwd_dv(dY, W, V, (dG + dG.transpose(-1, -2)).contiguous(), P, R)
+        forward(dY, V, T, not transpose, dW, fused=fused)
+        return dW, None
+    dW = torch.empty(dY.shape, dtype=W.dtype, device=W.device) if need_dW else None
+    dW_in_dV_pass = dW is not None and V.shape[1] <= MAX_FUSED_BK
+    # Z = V dY; for k > 128 the forward on dY writes dW = Q^T dY on the way.
+    Z = project(V, dY) if dW is None or dW_in_dV_pass else forward(dY, V, T, not transpose, dW, fused=fused)
+    A = _reflector_matrix(T, transpose)
+    P = A @ X
+    R = A.transpose(-1, -2) @ Z
+    M = X @ Z.transpose(-1, -2) if transpose else Z @ X.transpose(-1, -2)  # -dL/dT
+    Tt = T.transpose(-1, -2)
+    dS = Tt @ M @ Tt
+    dG = torch.triu(dS, diagonal=1) + torch.diag_embed(0.5 * torch.diagonal(dS, dim1=-2, dim2=-1))
+    C = (dG + dG.transpose(-1, -2)).contiguous()
+    dV = wy_apply_bwd(dY, W, V, C, P, R, dW if dW_in_dV_pass else None)
     return dW, dV
 
 
