@@ -1,0 +1,90 @@
+"""The benchmark suite in its quick mode (small shapes, one repetition), so it never rots: it must
+run every provider, agree with a float64 reference, write well-formed JSON and render it."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from bench import report, run
+from bench.lapack import to_lapack
+from bench.registry import providers
+from mose_kernels import householder_matrix
+
+pytest.importorskip("matplotlib")
+
+
+@pytest.fixture(scope="module")
+def quick_results(tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("bench") / "quick.json"
+    assert run.main(["--quick", "--editing", "on", "--editing-edits", "1", "--out", str(out), "--no-reexec"]) == 0
+    return json.loads(out.read_text())
+
+
+def test_quick_run_is_well_formed(quick_results: dict) -> None:
+    doc = quick_results
+    assert doc["schema"] == run.SCHEMA
+    for key in ("date", "platform", "cpu", "versions", "torch_threads"):
+        assert key in doc["machine"], key
+    assert doc["ceilings"]["copy_bytes_per_s"] > 0 and doc["ceilings"]["gemm_flops_per_s"]["fp32"] > 0
+    rows = doc["rows"]
+    expected = {p.name for p in providers(torch.device("cpu"))}
+    assert {r["provider"] for r in rows if r["status"] == "ok"} == expected
+    assert {r["op"] for r in rows} == {"wy_factor", "fwd", "fwd_inplace", "bwd_V", "bwd_VW"}
+    for r in rows:
+        assert r["status"] == "ok", r
+        assert r["median_s"] > 0 and math.isfinite(r["gb_per_s"]) and r["pct_floor"] > 0
+        assert r["reps"] == len(r["times_s"]) >= 1
+        if r["op"] in ("fwd", "fwd_inplace"):
+            assert r["rel_err"] < 1e-5, r  # every provider computes the same product
+    fwd = [r for r in rows if r["op"] == "fwd"]
+    assert all("speedup_vs_torch_wy" in r for r in fwd)
+
+
+def test_quick_editing_section(quick_results: dict) -> None:
+    import mose_kernels.editing
+
+    editing = quick_results["editing"]
+    authors = next(r for r in editing["rows"] if r["method"] == "authors_cayley")
+    assert authors["status"] == "ok", authors
+    if not hasattr(mose_kernels.editing, "MoseEditor"):
+        pytest.skip("mose_kernels.editing.MoseEditor is not in this checkout yet")
+    assert editing["model"] == "tiny-llama" and editing["edits"] == 1
+    by_method = {r["method"]: r for r in editing["rows"]}
+    assert {"mose:gradient", "mose:procrustes", "authors_cayley"} <= set(by_method)
+    for method in ("mose:gradient", "authors_cayley"):
+        row = by_method[method]
+        assert row["status"] == "ok", row
+        assert row["seconds_per_edit"] > 0 and 0.0 <= row["efficacy_after_all"] <= 1.0
+
+
+def test_render(quick_results: dict, tmp_path: Path) -> None:
+    results = tmp_path / "quick.json"
+    results.write_text(json.dumps(quick_results))
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# bench\n\n{report.START}\nold\n{report.END}\n")
+    report.render(results, readme)
+    text = readme.read_text()
+    assert "old" not in text and "**fwd, side=right**" in text and "Editing throughput" in text
+    assert (tmp_path / "quick.png").stat().st_size > 0 and (tmp_path / "quick.md").read_text().count("\n") > 10
+
+
+def test_hopeless_rows_are_skipped_with_an_estimate(tmp_path: Path) -> None:
+    out = tmp_path / "skip.json"
+    run.main(["--quick", "--shapes", "tiny", "--ks", "1", "--ops", "fwd", "--max-call-s", "1e-12",
+              "--editing", "off", "--out", str(out), "--no-reexec"])
+    rows = json.loads(out.read_text())["rows"]
+    assert rows and all(r["status"] == "skipped" and r["est_s"] > 0 and "estimated" in r["reason"] for r in rows)
+
+
+@pytest.mark.parametrize("k, n", [(1, 9), (5, 40), (24, 64)])
+def test_lapack_storage_is_the_same_operator(k: int, n: int) -> None:
+    V = torch.randn(k, n, dtype=torch.float64)
+    A, tau = to_lapack(V)
+    assert torch.equal(torch.triu(A, 1), torch.zeros_like(A)) and torch.equal(A.diagonal(), torch.ones(k).double())
+    Q = torch.linalg.householder_product(torch.nn.functional.pad(A, (0, n - k)), tau)
+    torch.testing.assert_close(Q, householder_matrix(V), rtol=0, atol=1e-12)
