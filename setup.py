@@ -49,7 +49,7 @@ def native_extensions():
     except ImportError:
         logger.warning("torch is not importable at build time: skipping the native extensions")
         return []
-    cxx = ["-O3"]
+    cxx = ["-O3", "-Wno-psabi"]  # psabi: 32-byte vectors passed between inlined helpers of the SSE2 build
     exts = [
         CppExtension(
             "mose_kernels._C",

@@ -2,17 +2,20 @@
 // defines MOSE_CPU_ISA (a namespace name) and includes the dependencies below first, so that only
 // this file's functions get that file's target attributes.
 //
-// Two strategies stream W by column ranges [c0, c1) that a thread owns (no reduction across threads):
-// - row-major W (rows contiguous, or any strides): tiles of kRows rows x kCols columns are gathered
-//   into an accumulation-type buffer, so every inner loop is a contiguous, vectorisable loop;
-// - column-major W (columns contiguous, the right side of a row-major weight): groups of kGroup
-//   columns, dot products with kLanes partial sums (vectorisable without reassociation).
+// Threads own column ranges [c0, c1) of W (no reduction across threads). Unit-stride layouts take
+// register-tiled paths (GCC/Clang vector extension): row-major W (rows contiguous, the left side of a
+// row-major weight) in tiles of kTileRows rows x kTileVecs vectors; column-major W (the right side)
+// kTileRows columns at a time with vectors along n. Any other strides go through the generic paths,
+// which gather kRows x kCols tiles into an accumulation-type buffer. Edges use the tile maths of
+// ../householder_tile.h element by element.
 #ifndef MOSE_CPU_ISA
 #error "define MOSE_CPU_ISA before including kernels.h"
 #endif
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
+#include <type_traits>
 
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -32,6 +35,45 @@ constexpr int64_t kLanes = 8;   // partial sums per dot product and rows per upd
 
 template <typename acc_t>
 using Tile = acc_t[kRows][kCols];
+
+// 32-byte vectors through the GCC/Clang vector extension: AVX registers in the AVX2 build, pairs of
+// SSE registers in the default one. Halves are converted element by element on load and store.
+template <typename T>
+struct VecOf {
+  typedef T type __attribute__((vector_size(32)));
+};
+template <typename T>
+using Vec = typename VecOf<T>::type;
+template <typename T>
+constexpr int64_t kWidth = 32 / sizeof(T);
+
+template <typename acc_t, typename scalar_t>
+inline Vec<acc_t> load_vec(const scalar_t* src) {
+  Vec<acc_t> v;
+  if constexpr (std::is_same_v<acc_t, scalar_t>) {
+    std::memcpy(&v, src, sizeof(v));
+  } else {
+    acc_t tmp[kWidth<acc_t>];
+    for (int64_t l = 0; l < kWidth<acc_t>; ++l) tmp[l] = static_cast<acc_t>(src[l]);
+    std::memcpy(&v, tmp, sizeof(v));
+  }
+  return v;
+}
+
+template <typename acc_t, typename scalar_t>
+inline void store_vec(scalar_t* dst, const Vec<acc_t>& v) {
+  if constexpr (std::is_same_v<acc_t, scalar_t>) {
+    std::memcpy(dst, &v, sizeof(v));
+  } else {
+    acc_t tmp[kWidth<acc_t>];
+    std::memcpy(tmp, &v, sizeof(v));
+    for (int64_t l = 0; l < kWidth<acc_t>; ++l) dst[l] = static_cast<scalar_t>(tmp[l]);
+  }
+}
+
+// Register tile of the unit-stride paths: kTileRows rows (or columns) x kTileVecs vectors.
+constexpr int64_t kTileRows = 4;
+constexpr int64_t kTileVecs = 2;
 
 // Rows [i0, i0 + r) x columns [c0, c0 + w) of W into `tile`, converted, zero-padded to kRows rows.
 template <typename scalar_t, typename acc_t>
@@ -125,37 +167,7 @@ void update_rows(const Problem& p, int64_t c0, int64_t c1) {
   }
 }
 
-// Column-major W (w_sn == 1): column c starts at W + c * w_sm.
-template <typename scalar_t, typename acc_t>
-void project_columns(const Problem& p, int64_t c0, int64_t c1) {
-  const auto* W = static_cast<const scalar_t*>(p.W);
-  const auto* V = static_cast<const acc_t*>(p.V);
-  auto* X = static_cast<acc_t*>(p.X);
-  for (int64_t g = c0; g < c1; g += kGroup) {
-    const int64_t gw = std::min(kGroup, c1 - g);
-    const scalar_t* cols[kGroup];
-    for (int64_t q = 0; q < kGroup; ++q) cols[q] = W + (g + std::min(q, gw - 1)) * p.w_sm;
-    for (int64_t j = 0; j < p.k; ++j) {
-      const acc_t* vj = V + j * p.n;
-      acc_t acc[kGroup][kLanes] = {};
-      int64_t i = 0;
-      for (; i + kLanes <= p.n; i += kLanes) {
-        for (int64_t q = 0; q < kGroup; ++q) {
-          for (int64_t l = 0; l < kLanes; ++l) acc[q][l] += vj[i + l] * static_cast<acc_t>(cols[q][i + l]);
-        }
-      }
-      for (; i < p.n; ++i) {
-        for (int64_t q = 0; q < kGroup; ++q) acc[q][0] += vj[i] * static_cast<acc_t>(cols[q][i]);
-      }
-      for (int64_t q = 0; q < gw; ++q) {
-        acc_t s = acc_t(0);
-        for (int64_t l = 0; l < kLanes; ++l) s += acc[q][l];
-        X[j * p.m + g + q] = s;
-      }
-    }
-  }
-}
-
+// Column-major W (w_sn == 1), out with any strides: column c starts at W + c * w_sm.
 template <bool kUnitOut, typename scalar_t, typename acc_t>
 void update_columns_impl(const Problem& p, int64_t c0, int64_t c1) {
   const auto* W = static_cast<const scalar_t*>(p.W);
@@ -196,12 +208,152 @@ void update_columns(const Problem& p, int64_t c0, int64_t c1) {
   }
 }
 
+// Row-major W and out with unit column stride: register tiles of kTileRows rows x kTileVecs
+// vectors, W read once and written once; edges element by element with the shared tile maths.
+template <typename scalar_t, typename acc_t>
+void update_rows_unit(const Problem& p, int64_t c0, int64_t c1) {
+  const auto* W = static_cast<const scalar_t*>(p.W);
+  auto* out = static_cast<scalar_t*>(p.out);
+  const auto* V = static_cast<const acc_t*>(p.V);
+  const auto* P = static_cast<const acc_t*>(p.P);
+  constexpr int64_t B = kTileVecs * kWidth<acc_t>;
+  const int64_t c_full = c0 + (c1 - c0) / B * B;
+  const int64_t i_full = p.n / kTileRows * kTileRows;
+  for (int64_t i0 = 0; i0 < i_full; i0 += kTileRows) {
+    for (int64_t cb = c0; cb < c_full; cb += B) {
+      Vec<acc_t> a[kTileRows][kTileVecs];
+      for (int64_t r = 0; r < kTileRows; ++r) {
+        for (int64_t q = 0; q < kTileVecs; ++q) {
+          a[r][q] = load_vec<acc_t>(W + (i0 + r) * p.w_sn + cb + q * kWidth<acc_t>);
+        }
+      }
+      for (int64_t j = 0; j < p.k; ++j) {
+        Vec<acc_t> pj[kTileVecs];
+        for (int64_t q = 0; q < kTileVecs; ++q) pj[q] = load_vec<acc_t>(P + j * p.m + cb + q * kWidth<acc_t>);
+        for (int64_t r = 0; r < kTileRows; ++r) {
+          const acc_t v = V[j * p.n + i0 + r];
+          for (int64_t q = 0; q < kTileVecs; ++q) a[r][q] -= v * pj[q];
+        }
+      }
+      for (int64_t r = 0; r < kTileRows; ++r) {
+        for (int64_t q = 0; q < kTileVecs; ++q) {
+          store_vec<acc_t>(out + (i0 + r) * p.o_sn + cb + q * kWidth<acc_t>, a[r][q]);
+        }
+      }
+    }
+    for (int64_t i = i0; i < i0 + kTileRows; ++i) {
+      for (int64_t c = c_full; c < c1; ++c) {
+        out[i * p.o_sn + c] = static_cast<scalar_t>(tile::reflect_element(W[i * p.w_sn + c], V + i, p.n, P + c, p.m, p.k));
+      }
+    }
+  }
+  for (int64_t i = i_full; i < p.n; ++i) {
+    for (int64_t c = c0; c < c1; ++c) {
+      out[i * p.o_sn + c] = static_cast<scalar_t>(tile::reflect_element(W[i * p.w_sn + c], V + i, p.n, P + c, p.m, p.k));
+    }
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+void project_rows_unit(const Problem& p, int64_t c0, int64_t c1) {
+  const auto* W = static_cast<const scalar_t*>(p.W);
+  const auto* V = static_cast<const acc_t*>(p.V);
+  auto* X = static_cast<acc_t*>(p.X);
+  for (int64_t j = 0; j < p.k; ++j) std::fill(X + j * p.m + c0, X + j * p.m + c1, acc_t(0));
+  constexpr int64_t B = kTileVecs * kWidth<acc_t>;
+  const int64_t c_full = c0 + (c1 - c0) / B * B;
+  const int64_t i_full = p.n / kTileRows * kTileRows;
+  for (int64_t i0 = 0; i0 < i_full; i0 += kTileRows) {
+    for (int64_t cb = c0; cb < c_full; cb += B) {
+      Vec<acc_t> a[kTileRows][kTileVecs];
+      for (int64_t r = 0; r < kTileRows; ++r) {
+        for (int64_t q = 0; q < kTileVecs; ++q) {
+          a[r][q] = load_vec<acc_t>(W + (i0 + r) * p.w_sn + cb + q * kWidth<acc_t>);
+        }
+      }
+      for (int64_t j = 0; j < p.k; ++j) {
+        acc_t* xj = X + j * p.m + cb;
+        Vec<acc_t> x[kTileVecs];
+        for (int64_t q = 0; q < kTileVecs; ++q) x[q] = load_vec<acc_t>(xj + q * kWidth<acc_t>);
+        for (int64_t r = 0; r < kTileRows; ++r) {
+          const acc_t v = V[j * p.n + i0 + r];
+          for (int64_t q = 0; q < kTileVecs; ++q) x[q] += v * a[r][q];
+        }
+        for (int64_t q = 0; q < kTileVecs; ++q) store_vec<acc_t>(xj + q * kWidth<acc_t>, x[q]);
+      }
+    }
+  }
+  // Edges: the remaining columns over all rows, then the remaining rows over the full columns.
+  for (int64_t c = c_full; c < c1; ++c) tile::project_column(V, p.n, p.k, W + c, p.w_sn, 0, p.n, X + c, p.m);
+  for (int64_t c = c0; c < c_full; ++c) tile::project_column(V, p.n, p.k, W + c, p.w_sn, i_full, p.n, X + c, p.m);
+}
+
+// Column-major W (w_sn == 1) and out (o_sn == 1): kTileRows columns at a time, vectors along n.
+template <typename scalar_t, typename acc_t>
+void update_columns_unit(const Problem& p, int64_t c0, int64_t c1) {
+  const auto* W = static_cast<const scalar_t*>(p.W);
+  auto* out = static_cast<scalar_t*>(p.out);
+  const auto* V = static_cast<const acc_t*>(p.V);
+  const auto* P = static_cast<const acc_t*>(p.P);
+  constexpr int64_t L = kWidth<acc_t>;
+  const int64_t i_full = p.n / L * L;
+  const int64_t g_full = c0 + (c1 - c0) / kTileRows * kTileRows;
+  for (int64_t g = c0; g < g_full; g += kTileRows) {
+    for (int64_t i = 0; i < i_full; i += L) {
+      Vec<acc_t> a[kTileRows];
+      for (int64_t q = 0; q < kTileRows; ++q) a[q] = load_vec<acc_t>(W + (g + q) * p.w_sm + i);
+      for (int64_t j = 0; j < p.k; ++j) {
+        const Vec<acc_t> v = load_vec<acc_t>(V + j * p.n + i);
+        for (int64_t q = 0; q < kTileRows; ++q) a[q] -= v * P[j * p.m + g + q];
+      }
+      for (int64_t q = 0; q < kTileRows; ++q) store_vec<acc_t>(out + (g + q) * p.o_sm + i, a[q]);
+    }
+  }
+  for (int64_t c = c0; c < c1; ++c) {
+    for (int64_t i = c < g_full ? i_full : 0; i < p.n; ++i) {
+      out[c * p.o_sm + i] = static_cast<scalar_t>(tile::reflect_element(W[c * p.w_sm + i], V + i, p.n, P + c, p.m, p.k));
+    }
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+void project_columns_unit(const Problem& p, int64_t c0, int64_t c1) {
+  const auto* W = static_cast<const scalar_t*>(p.W);
+  const auto* V = static_cast<const acc_t*>(p.V);
+  auto* X = static_cast<acc_t*>(p.X);
+  constexpr int64_t L = kWidth<acc_t>;
+  const int64_t i_full = p.n / L * L;
+  for (int64_t c = c0; c < c1; c += kTileRows) {
+    const int64_t gw = std::min(kTileRows, c1 - c);
+    const scalar_t* cols[kTileRows];
+    for (int64_t q = 0; q < kTileRows; ++q) cols[q] = W + (c + std::min(q, gw - 1)) * p.w_sm;
+    for (int64_t j = 0; j < p.k; ++j) {
+      const acc_t* vj = V + j * p.n;
+      Vec<acc_t> acc[kTileRows] = {};
+      for (int64_t i = 0; i < i_full; i += L) {
+        const Vec<acc_t> v = load_vec<acc_t>(vj + i);
+        for (int64_t q = 0; q < kTileRows; ++q) acc[q] += v * load_vec<acc_t>(cols[q] + i);
+      }
+      for (int64_t q = 0; q < gw; ++q) {
+        acc_t lanes[L];
+        std::memcpy(lanes, &acc[q], sizeof(lanes));
+        acc_t s = acc_t(0);
+        for (int64_t l = 0; l < L; ++l) s += lanes[l];
+        for (int64_t i = i_full; i < p.n; ++i) s += vj[i] * static_cast<acc_t>(cols[q][i]);
+        X[j * p.m + c + q] = s;
+      }
+    }
+  }
+}
+
 bool columns_contiguous(const Problem& p) { return p.w_sn == 1 && p.w_sm != 1; }
 
 template <typename scalar_t, typename acc_t>
 void project(const Problem& p, int64_t c0, int64_t c1) {
   if (columns_contiguous(p)) {
-    project_columns<scalar_t, acc_t>(p, c0, c1);
+    project_columns_unit<scalar_t, acc_t>(p, c0, c1);
+  } else if (p.w_sm == 1) {
+    project_rows_unit<scalar_t, acc_t>(p, c0, c1);
   } else {
     project_rows<scalar_t, acc_t>(p, c0, c1);
   }
@@ -209,8 +361,12 @@ void project(const Problem& p, int64_t c0, int64_t c1) {
 
 template <typename scalar_t, typename acc_t>
 void update(const Problem& p, int64_t c0, int64_t c1) {
-  if (columns_contiguous(p)) {
+  if (columns_contiguous(p) && p.o_sn == 1) {
+    update_columns_unit<scalar_t, acc_t>(p, c0, c1);
+  } else if (columns_contiguous(p)) {
     update_columns<scalar_t, acc_t>(p, c0, c1);
+  } else if (p.w_sm == 1 && p.o_sm == 1) {
+    update_rows_unit<scalar_t, acc_t>(p, c0, c1);
   } else {
     update_rows<scalar_t, acc_t>(p, c0, c1);
   }
