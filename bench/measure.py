@@ -175,5 +175,6 @@ def machine_info(device: torch.device) -> dict:
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         info["gpu"] = {"name": props.name, "memory_bytes": props.total_memory,
-                       "multiprocessors": props.multi_processor_count, "cuda": torch.version.cuda}
+                       "multiprocessors": props.multi_processor_count, "cuda": torch.version.cuda,
+                       "matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32}
     return info
