@@ -4,6 +4,7 @@ and one plot (time versus k per shape, floor drawn)."""
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 
@@ -115,6 +116,7 @@ def full_table(doc: dict) -> str:
 def plot(doc: dict, path: Path, op: str = "fwd", side: str = "right") -> Path | None:
     """Time versus k, one panel per shape, one line per provider, the floor dashed."""
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -139,14 +141,17 @@ def plot(doc: dict, path: Path, op: str = "fwd", side: str = "right") -> Path | 
             if est:
                 ax.plot(*zip(*est, strict=True), "x", color=colors[p], alpha=0.5)
         n, m = srows[0]["n"], srows[0]["m"]
-        ax.set(xscale="log", yscale="log", xlabel="k (reflections)", title=f"{shape} ({n} x {m})")
+        ax.set_xscale("log", base=2)
+        ax.set(yscale="log", xlabel="k (reflections)", title=f"{shape} ({n} x {m})")
         ax.set_xticks(ks, [str(k) for k in ks])
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
         ax.grid(True, which="both", alpha=0.3)
     axes[0][0].set_ylabel("median time, ms (x: estimated, not run)")
     handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 9), frameon=False)
+    ncol = min(len(labels), 5)
+    fig.legend(handles, labels, loc="lower center", ncol=ncol, frameon=False)
     fig.suptitle(f"householder_apply {op}, side={side} ({rows[0]['dtype']}): time vs k, floor dashed")
-    fig.tight_layout(rect=(0, 0.08, 1, 0.95))
+    fig.tight_layout(rect=(0, 0.06 * math.ceil(len(labels) / ncol), 1, 0.95))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
