@@ -52,7 +52,7 @@ def build_model(kind: str, vocab_size: int, seed: int = 0):
     return model.eval()
 
 
-def overfit(model, tokenizer, facts=FACTS, steps: int = 150):
+def overfit(model, tokenizer, facts=FACTS, steps: int = 60):
     """Teach the tiny model a few facts so an edit has something to change."""
     from mose_kernels.editing.tokens import batch_prompt_targets
 

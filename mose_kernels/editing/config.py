@@ -1,0 +1,146 @@
+"""Settings of an editing run (:class:`EditConfig`) and the presets shipped per model family."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mose_kernels.editing.adapters import EDIT_SIDES, num_layers
+
+SOLVERS = ("gradient", "procrustes")
+EDIT_POSITIONS = ("all", "subject")
+PRESET_DIR = Path(__file__).resolve().parent / "presets"
+
+
+@dataclass
+class EditConfig:
+    """How edits are computed and kept.
+
+    Attributes:
+        layers: layer indices of the MLP output projections to edit (``None``: the preset's).
+        template: module template overriding the architecture lookup (``"model.layers.{}.mlp.down_proj"``).
+        solver: ``"gradient"`` (learned reflections, Adam) or ``"procrustes"`` (closed form).
+        side: ``"input"`` (``W <- W Q^T``, acts on keys) or ``"output"`` (``W <- Q W``, acts on values).
+        num_reflections: Householder vectors per edit and layer (gradient solver; even: pairs).
+        steps: most optimisation steps per edit (gradient solver; also the value search of procrustes).
+        lr: Adam learning rate.
+        stop_loss: stop once every target token is the argmax and the mean target NLL is below this.
+        edit_positions: ``"all"`` tokens see the rotation while solving, or only the ``"subject"``'s.
+        context_prefixes: extra texts prepended to the prompt in the loss (generalisation).
+        kl_weight: weight of a KL term keeping the next-token distributions of ``neighbour_prompts``.
+        neighbour_prompts: generic prompts for that KL term.
+        keep_edits: protect earlier edits' keys (their projection inputs at all positions).
+        keep_tol: a key's component outside the keep subspace is added when above this fraction
+            of the key batch's largest singular value.
+        keep_corpus_dirs: number of principal directions of a sample corpus to protect.
+        keep_corpus: texts of that corpus (``None``: sampled from the model itself).
+        keep_capacity: fraction of the vector dimension the keep subspace may fill; above it the
+            least-energetic edit directions are dropped (compression).
+        procrustes_lambda: weight of the corpus-preservation term of the closed form.
+        value_steps, value_lr: ROME-style search of the target value (procrustes solver).
+        backend: kernel backend of the commit and of the solver's autograd.
+        keep_fp32_master: half-precision models keep an fp32 copy of each edited weight.
+        seed: seed of the vector initialisation.
+    """
+
+    layers: list[int] | None = None
+    template: str | None = None
+    solver: str = "gradient"
+    side: str = "input"
+    num_reflections: int = 8
+    steps: int = 25
+    lr: float = 3e-2
+    stop_loss: float = float("inf")
+    edit_positions: str = "all"
+    context_prefixes: list[str] = field(default_factory=list)
+    kl_weight: float = 0.0
+    neighbour_prompts: list[str] = field(default_factory=list)
+    keep_edits: bool = True
+    keep_tol: float = 1e-3
+    keep_corpus_dirs: int = 64
+    keep_corpus: list[str] | None = None
+    keep_capacity: float = 0.75
+    procrustes_lambda: float = 1.0
+    value_steps: int = 25
+    value_lr: float = 5e-1
+    backend: str = "auto"
+    keep_fp32_master: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.solver not in SOLVERS:
+            raise ValueError(f"solver must be one of {SOLVERS}, got {self.solver!r}")
+        if self.side not in EDIT_SIDES:
+            raise ValueError(f"side must be one of {EDIT_SIDES}, got {self.side!r}")
+        if self.edit_positions not in EDIT_POSITIONS:
+            raise ValueError(f"edit_positions must be one of {EDIT_POSITIONS}, got {self.edit_positions!r}")
+        if self.layers is not None:
+            self.layers = [int(x) for x in self.layers]
+        if not isinstance(self.num_reflections, int) or self.num_reflections < 1:
+            raise ValueError(f"num_reflections must be a positive int, got {self.num_reflections!r}")
+        if self.steps < 0 or self.value_steps < 0:
+            raise ValueError("steps and value_steps must be non-negative")
+        if not 0.0 < self.keep_capacity <= 1.0:
+            raise ValueError(f"keep_capacity must be in (0, 1], got {self.keep_capacity}")
+        if self.keep_corpus_dirs < 0 or self.keep_tol < 0 or self.lr <= 0:
+            raise ValueError("keep_corpus_dirs and keep_tol must be >= 0 and lr > 0")
+        self.context_prefixes = list(self.context_prefixes)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> EditConfig:
+        """Build from a dict; unknown keys raise ``ValueError`` naming them."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise ValueError(f"unknown EditConfig keys {unknown}; known: {sorted(names)}")
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict (inverse of :meth:`from_dict`)."""
+        return dataclasses.asdict(self)
+
+
+def _preset_name(model) -> str:
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd", None)
+    if model_type == "gpt2":
+        return "gpt2"
+    if model_type == "llama" and hidden is not None and hidden <= 1024:
+        return "smollm2-135m"
+    if model_type == "llama":
+        return "llama-3-8b"
+    if model_type == "qwen2":
+        return "qwen2.5-7b"
+    if model_type == "mistral":
+        return "mistral-7b"
+    return "default"
+
+
+def load_preset(name: str) -> dict[str, Any]:
+    """The settings of a shipped preset (``presets/<name>.json``), without its ``notes``."""
+    path = PRESET_DIR / f"{name}.json"
+    if not path.is_file():
+        known = sorted(p.stem for p in PRESET_DIR.glob("*.json"))
+        raise ValueError(f"no preset named {name!r}; shipped presets: {known}")
+    values = json.loads(path.read_text())
+    values.pop("notes", None)
+    return values
+
+
+def preset_for(model) -> EditConfig:
+    """The preset matching ``model``'s architecture and size; layers are scaled to the model's
+    depth when the preset's layers do not exist (``"layers_fraction"``)."""
+    values = load_preset(_preset_name(model))
+    fraction = values.pop("layers_fraction", None)
+    total = num_layers(model)
+    layers = values.get("layers")
+    if layers is None or max(layers) >= total:
+        centre = round((fraction if fraction is not None else 0.6) * (total - 1))
+        count = len(layers) if layers else 3
+        start = max(0, min(centre - count // 2, total - count))
+        values["layers"] = list(range(start, start + min(count, total)))
+    return EditConfig.from_dict(values)

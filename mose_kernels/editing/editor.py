@@ -1,0 +1,402 @@
+"""The MOSE editor: sequential multiplicative orthogonal edits of a Hugging Face causal LM.
+
+Each edit multiplies the weight of an MLP output projection by an orthogonal factor, a product
+of a few Householder reflections (input side ``W <- W Q^T`` or output side ``W <- Q W``), so the
+singular values, norm and condition number of every edited weight never change. After the commit
+the model is a plain ``transformers`` model (no wrapper modules, no inference overhead).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from mose_kernels.editing.adapters import EditTarget, capture_io, find_edit_targets, rotate_weight_
+from mose_kernels.editing.config import EditConfig, preset_for
+from mose_kernels.editing.journal import EditJournal, JournalEntry
+from mose_kernels.editing.keep import KeepSubspace
+from mose_kernels.editing.requests import EditRequest
+from mose_kernels.editing.solvers import gradient, procrustes
+from mose_kernels.editing.solvers.common import EditError, SolveResult, model_device
+from mose_kernels.editing.tokens import encode_prompt_target, pad_id
+
+logger = logging.getLogger(__name__)
+
+_HALF = (torch.float16, torch.bfloat16)
+_SOLVERS = {"gradient": gradient.solve, "procrustes": procrustes.solve}
+
+
+@dataclass
+class EditResult:
+    """Outcome of one edit.
+
+    Attributes:
+        edit_id: the journal id (``-1`` if the edit was not committed).
+        request: the request.
+        success: every target token was the argmax when the solver stopped.
+        steps: optimisation steps taken; ``final_loss``: mean target NLL at the end.
+        seconds: wall time of solve + commit.
+        layers: names of the edited modules.
+        extra: diagnostics (keep-subspace dimensions, the fraction of the edit's keys left
+            outside the keep subspace, solver details).
+    """
+
+    edit_id: int
+    request: EditRequest
+    success: bool
+    steps: int
+    final_loss: float
+    seconds: float
+    layers: list[str]
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _resolve_config(model: nn.Module, config: EditConfig | Mapping[str, Any] | None) -> EditConfig:
+    if isinstance(config, EditConfig):
+        return config
+    if config is None:
+        return preset_for(model)
+    if isinstance(config, Mapping):
+        base = preset_for(model).to_dict()
+        base.update(config)
+        return EditConfig.from_dict(base)
+    raise TypeError(f"config must be an EditConfig, a dict or None, got {type(config).__name__}")
+
+
+def _requests_from_keywords(prompts, target_new, ground_truth, subject, rephrase_prompts, locality_inputs):
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    n = len(prompts)
+
+    def listify(value, name):
+        if value is None:
+            return [None] * n
+        value = [value] if isinstance(value, str) else list(value)
+        if len(value) != n:
+            raise ValueError(f"{name} has {len(value)} entries for {n} prompts")
+        return value
+
+    targets, truths = listify(target_new, "target_new"), listify(ground_truth, "ground_truth")
+    subjects, rephrases = listify(subject, "subject"), listify(rephrase_prompts, "rephrase_prompts")
+    if any(t is None for t in targets) or any(s is None for s in subjects):
+        raise ValueError("the keyword form needs target_new and subject for every prompt")
+    loc_prompts, loc_answers = [()] * n, [()] * n
+    for group in (locality_inputs or {}).values():
+        ps, gs = listify(group.get("prompt"), "locality prompt"), listify(group.get("ground_truth"), "locality answer")
+        loc_prompts = [(*a, p) if p else a for a, p in zip(loc_prompts, ps, strict=True)]
+        gs = [g if isinstance(g, str) or not g else g[0] for g in gs]
+        loc_answers = [(*a, g) if g else a for a, g in zip(loc_answers, gs, strict=True)]
+    return [
+        EditRequest(
+            prompt=p, subject=s, target_new=t, ground_truth=g,
+            rephrase_prompts=() if r is None else ((r,) if isinstance(r, str) else tuple(r)),
+            locality_prompts=lp, locality_answers=la,
+        )
+        for p, s, t, g, r, lp, la in zip(
+            prompts, subjects, targets, truths, rephrases, loc_prompts, loc_answers, strict=True
+        )
+    ]
+
+
+def _as_requests(requests) -> list[EditRequest]:
+    if isinstance(requests, (EditRequest, Mapping)):
+        requests = [requests]
+    out = []
+    for r in requests:
+        if isinstance(r, EditRequest):
+            out.append(r)
+        elif isinstance(r, Mapping):
+            out.append(EditRequest.from_dict(r))
+        else:
+            raise TypeError(f"a request must be an EditRequest or a dict, got {type(r).__name__}")
+    return out
+
+
+class MoseEditor:
+    """Sequential MOSE editing of one model.
+
+    Args:
+        model: a Hugging Face causal LM (any device placement, fp32 / bf16 / fp16).
+        tokenizer: its tokenizer.
+        config: an :class:`EditConfig`, a dict of overrides of the preset, or ``None`` (the preset
+            for the model's architecture and size, see ``mose_kernels/editing/presets``).
+
+    Example:
+        >>> editor = MoseEditor(model, tokenizer)
+        >>> editor.edit({"prompt": "The capital of France is", "subject": "France", "target_new": "Rome"})
+        >>> editor.stability()          # norm / condition number unchanged
+        >>> editor.undo()               # exact inverse of the last edit
+    """
+
+    def __init__(self, model: nn.Module, tokenizer, config: EditConfig | Mapping[str, Any] | None = None) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.config = _resolve_config(model, config)
+        self.targets: list[EditTarget] = find_edit_targets(model, self.config.layers, self.config.template)
+        self.journal = EditJournal(config=self.config.to_dict())
+        self._masters: dict[str, Tensor] = {}
+        self._base_svals: dict[str, Tensor] = {}
+        self._keep: dict[str, KeepSubspace] | None = None
+        self._corpus_acts: dict[str, Tensor] | None = None
+        self.results: list[EditResult] = []
+        self._solve = _SOLVERS[self.config.solver]
+
+    # ------------------------------------------------------------------ weights
+    def _work_weight(self, t: EditTarget) -> Tensor:
+        """The tensor edits are applied to: the fp32 master of a half-precision weight, else the weight."""
+        if t.name in self._masters:
+            return self._masters[t.name]
+        w = t.weight.data
+        if w.dtype in _HALF and self.config.keep_fp32_master:
+            self._masters[t.name] = w.float().clone()
+            return self._masters[t.name]
+        return w
+
+    def _maths_weight(self, t: EditTarget) -> Tensor:
+        w = self._masters.get(t.name, t.weight.data).float()
+        return w if t.weight_layout == "out_in" else w.T
+
+    def _sync(self, t: EditTarget) -> None:
+        if t.name in self._masters:
+            t.weight.data.copy_(self._masters[t.name])
+
+    # ------------------------------------------------------------------ keep subspaces
+    def _activations(self, batches: Sequence[tuple[Tensor, Tensor]]) -> dict[str, Tensor]:
+        """Vectors the edits act on (inputs, or bias-free outputs) at every non-pad position."""
+        out: dict[str, list[Tensor]] = {t.name: [] for t in self.targets}
+        with torch.no_grad(), capture_io(self.targets) as io:
+            for ids, mask in batches:
+                self.model(input_ids=ids, attention_mask=mask)
+                valid = mask.bool()
+                for t in self.targets:
+                    x, y = io[t.name].pop()
+                    if self.config.side == "output":
+                        x = y - t.bias if t.bias is not None else y
+                    out[t.name].append(x[valid.to(x.device)].double().cpu())
+        return {name: torch.cat(v) for name, v in out.items()}
+
+    def _text_batches(self, texts: Sequence[str], size: int = 16) -> list[tuple[Tensor, Tensor]]:
+        device = model_device(self.model)
+        batches = []
+        for i in range(0, len(texts), size):
+            enc = [self.tokenizer(t)["input_ids"] for t in texts[i : i + size]]
+            length = max(len(e) for e in enc)
+            ids = torch.full((len(enc), length), pad_id(self.tokenizer), dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for j, e in enumerate(enc):
+                ids[j, : len(e)], mask[j, : len(e)] = torch.tensor(e), 1
+            batches.append((ids.to(device), mask.to(device)))
+        return batches
+
+    def _sample_corpus(self, count: int = 32, length: int = 32) -> list[str]:
+        """Texts sampled from the model itself (a corpus needing no data files)."""
+        start = self.tokenizer.bos_token_id
+        if start is None:
+            start = self.tokenizer.eos_token_id
+        if start is None:
+            raise ValueError("keep_corpus is None and the tokenizer has no BOS/EOS to sample from; pass keep_corpus")
+        device = model_device(self.model)
+        gen_state = torch.random.get_rng_state()
+        torch.manual_seed(self.config.seed)
+        try:
+            ids = torch.full((count, 1), start, dtype=torch.long, device=device)
+            out = self.model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, max_new_tokens=length,
+                                      min_new_tokens=length, top_k=50, pad_token_id=pad_id(self.tokenizer))
+        finally:
+            torch.random.set_rng_state(gen_state)
+        return self.tokenizer.batch_decode(out[:, 1:], skip_special_tokens=True)
+
+    def _init_keep(self) -> dict[str, KeepSubspace]:
+        cfg = self.config
+        keep = {}
+        for t in self.targets:
+            state = self.journal.keep_state.get(t.name)
+            n = t.dim(cfg.side)
+            keep[t.name] = (KeepSubspace.from_state(state, int(cfg.keep_capacity * n), cfg.keep_tol) if state
+                            else KeepSubspace.empty(n, capacity=cfg.keep_capacity, tol=cfg.keep_tol))
+        if cfg.keep_corpus_dirs > 0 and not any(k.corpus.shape[1] for k in keep.values()):
+            texts = cfg.keep_corpus if cfg.keep_corpus is not None else self._sample_corpus()
+            acts = self._activations(self._text_batches(list(texts)))
+            gen = torch.Generator().manual_seed(cfg.seed)
+            self._corpus_acts = {
+                name: a[torch.randperm(a.shape[0], generator=gen)[:2048]].float() for name, a in acts.items()
+            }
+            keep = {name: k.with_corpus(acts[name], cfg.keep_corpus_dirs) for name, k in keep.items()}
+            logger.info("keep subspaces: %d corpus directions per layer from %d texts",
+                        cfg.keep_corpus_dirs, len(texts))
+        return keep
+
+    def _edit_keys(self, request: EditRequest) -> dict[str, Tensor]:
+        enc = encode_prompt_target(self.tokenizer, request.prompt, request.target_new)
+        ids = enc.input_ids.unsqueeze(0).to(model_device(self.model))
+        return self._activations([(ids, torch.ones_like(ids))])
+
+    # ------------------------------------------------------------------ editing
+    def _commit(self, request: EditRequest, solved: SolveResult, seconds: float) -> EditResult:
+        """Multiply the solved factors into the weights and journal them; all or nothing."""
+        cfg = self.config
+        snapshot = {t.name: t.weight.data.clone() for t in self.targets if t.name in solved.vectors}
+        masters = {name: m.clone() for name, m in self._masters.items()}
+        keep_before, keep_state_before = self._keep, dict(self.journal.keep_state)
+        length_before = len(self.journal)
+        extra = dict(solved.extra)
+        try:
+            vectors32 = {name: V.float() for name, V in solved.vectors.items()}
+            for t in self.targets:
+                if t.name not in vectors32:
+                    continue
+                if t.name not in self._base_svals:
+                    self._base_svals[t.name] = torch.linalg.svdvals(self._maths_weight(t).double().cpu())
+                rotate_weight_(self._work_weight(t), t.weight_layout, vectors32[t.name], cfg.side, backend=cfg.backend)
+                self._sync(t)
+                if not torch.isfinite(t.weight.data).all():
+                    raise EditError(f"non-finite weight in {t.name} after the commit")
+            entry = JournalEntry(
+                edit_id=self.journal.next_id(), request=request, side=cfg.side, vectors=vectors32,
+                layouts={t.name: t.weight_layout for t in self.targets if t.name in vectors32},
+                layers={t.name: t.layer for t in self.targets if t.name in vectors32},
+                solver=cfg.solver, settings=cfg.to_dict(),
+                metrics={"success": solved.success, "steps": solved.steps, "final_loss": solved.final_loss,
+                         "seconds": seconds},
+            )
+            self.journal.entries.append(entry)
+            if cfg.keep_edits:
+                keys = self._edit_keys(request)
+                extra["key_residual"] = {n: self._keep[n].residual_fraction(k) for n, k in keys.items()}
+                self._keep = {n: k.add(keys[n]) for n, k in self._keep.items()}
+            extra["keep_dims"] = {n: k.dim for n, k in self._keep.items()}
+            self.journal.keep_state = {n: k.state_dict() for n, k in self._keep.items()}
+        except BaseException:
+            with torch.no_grad():
+                for t in self.targets:
+                    if t.name in snapshot:
+                        t.weight.data.copy_(snapshot[t.name])
+            self._masters = masters
+            self._keep, self.journal.keep_state = keep_before, keep_state_before
+            del self.journal.entries[length_before:]
+            raise
+        return EditResult(entry.edit_id, request, solved.success, solved.steps, solved.final_loss, seconds,
+                          list(vectors32), extra)
+
+    def edit(self, requests=None, *, prompts=None, target_new=None, ground_truth=None, subject=None,
+             rephrase_prompts=None, locality_inputs=None, sequential_edit: bool = True) -> list[EditResult]:
+        """Write one or more facts into the model.
+
+        Args:
+            requests: an :class:`EditRequest`, a dict with EasyEdit's flat CounterFact keys, or a
+                list of them. Alternatively EasyEdit's keyword form: ``prompts``, ``target_new``,
+                ``ground_truth``, ``subject``, ``rephrase_prompts``, ``locality_inputs``
+                (``{"neighborhood": {"prompt": [...], "ground_truth": [...]}}``).
+            sequential_edit: ``True`` (default): each edit is solved on the model as edited by
+                the previous ones and committed before the next. ``False``: all edits are solved
+                on the current model, then committed together (a batch).
+
+        Returns:
+            One :class:`EditResult` per request. A failing edit (exception, NaN, interrupt)
+            leaves the weights and the journal as they were before it and re-raises.
+        """
+        if requests is None:
+            if prompts is None:
+                raise ValueError("pass requests, or prompts= with target_new= and subject=")
+            reqs = _requests_from_keywords(prompts, target_new, ground_truth, subject, rephrase_prompts,
+                                           locality_inputs)
+        else:
+            if prompts is not None:
+                raise ValueError("pass either requests or the keyword form (prompts=...), not both")
+            reqs = _as_requests(requests)
+        if self._keep is None:
+            self._keep = self._init_keep()
+        keep_for_solver = self._keep if self._uses_keep() else {}
+        results = []
+        if sequential_edit:
+            for r in reqs:
+                start = time.perf_counter()
+                solved = self._run_solver(r, self._keep if self._uses_keep() else {})
+                results.append(self._commit(r, solved, time.perf_counter() - start))
+        else:
+            solved_all = []
+            for r in reqs:
+                start = time.perf_counter()
+                solved_all.append((r, self._run_solver(r, keep_for_solver), time.perf_counter() - start))
+            results = [self._commit(r, s, sec) for r, s, sec in solved_all]
+        self.results.extend(results)
+        return results
+
+    def _uses_keep(self) -> bool:
+        return self.config.keep_edits or self.config.keep_corpus_dirs > 0
+
+    def _run_solver(self, request: EditRequest, keep: Mapping[str, KeepSubspace]) -> SolveResult:
+        if self.config.solver == "gradient":
+            kwargs = {"neighbour_prompts": self.config.neighbour_prompts}
+        else:
+            kwargs = {"corpus": self._corpus_acts}
+        return self._solve(self.model, self.tokenizer, self.targets, request, keep, self.config, **kwargs)
+
+    # ------------------------------------------------------------------ undo and monitoring
+    def undo(self, edit_id: int | None = None) -> None:
+        """Remove an edit (the last one by default) exactly up to rounding (``Q^{-1} = Q^T``).
+
+        Later edits of the same modules are unwound, the edit dropped and the later ones re-applied.
+        The keep subspaces keep the undone edit's keys (conservative)."""
+        if not self.journal.entries:
+            raise ValueError("nothing to undo: the journal is empty")
+        pos = len(self.journal) - 1 if edit_id is None else self.journal.index(edit_id)
+        entry = self.journal.entries[pos]
+        later = self.journal.entries[pos + 1 :]
+        by_name = {t.name: t for t in self.targets}
+        backend = self.config.backend
+        for name, V in entry.vectors.items():
+            t = by_name[name]
+            work = self._work_weight(t)
+            touching = [e for e in later if name in e.vectors]
+            for e in reversed(touching):
+                rotate_weight_(work, e.layouts[name], e.vectors[name], e.side, inverse=True, backend=backend)
+            rotate_weight_(work, entry.layouts[name], V, entry.side, inverse=True, backend=backend)
+            for e in touching:
+                rotate_weight_(work, e.layouts[name], e.vectors[name], e.side, backend=backend)
+            self._sync(t)
+        del self.journal.entries[pos]
+
+    def stability(self) -> dict[str, dict[str, float]]:
+        """Per edited module: ``fro_norm``, ``cond``, ``max_sv_rel_change`` (largest change of any
+        singular value since the base model, relative to the largest one) and ``orth_error``
+        (``max |P^T P - I|`` of 16 orthonormal probes pushed through the accumulated factors)."""
+        report = {}
+        for t in self.targets:
+            if t.name not in self._base_svals:
+                continue
+            sv = torch.linalg.svdvals(self._maths_weight(t).double().cpu())
+            base = self._base_svals[t.name]
+            orth = 0.0
+            for side in ("input", "output"):
+                entries = [e for e in self.journal if t.name in e.vectors and e.side == side]
+                if not entries:
+                    continue
+                n = t.dim(side)
+                probe = torch.linalg.qr(torch.randn(n, min(16, n), dtype=torch.float64,
+                                                    generator=torch.Generator().manual_seed(0)))[0].T.float()
+                probe = probe.to(t.weight.device).contiguous()
+                for e in entries:
+                    rotate_weight_(probe, "out_in", e.vectors[t.name], "input", backend=self.config.backend)
+                gram = probe.double() @ probe.double().T
+                orth = max(orth, float((gram - torch.eye(gram.shape[0], dtype=torch.float64)).abs().max()))
+            report[t.name] = {
+                "fro_norm": float(torch.linalg.vector_norm(sv)),
+                "cond": float(sv[0] / sv[-1]) if sv[-1] > 0 else float("inf"),
+                "max_sv_rel_change": float(((sv - base).abs() / base[0]).max()),
+                "orth_error": orth,
+            }
+        return report
+
+
+def edit(model: nn.Module, tokenizer, requests, **config) -> MoseEditor:
+    """One-liner: build a :class:`MoseEditor` (preset settings overridden by ``config``), apply
+    ``requests`` sequentially, and return the editor (``editor.results``, ``editor.journal``)."""
+    editor = MoseEditor(model, tokenizer, config or None)
+    editor.edit(requests)
+    return editor

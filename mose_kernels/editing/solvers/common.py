@@ -1,0 +1,159 @@
+"""Pieces shared by the solvers: the result type, rotation hooks and the target loss."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mose_kernels.editing.adapters import EditTarget, rotate_activations
+from mose_kernels.editing.requests import EditRequest
+from mose_kernels.editing.tokens import batch_prompt_targets, subject_token_span
+
+
+class EditError(RuntimeError):
+    """An edit could not be computed (non-finite values, no room left in the keep subspace)."""
+
+
+@dataclass
+class SolveResult:
+    """Output of a solver: per target name, ``(k, n)`` float64 CPU Householder vectors."""
+
+    vectors: dict[str, Tensor]
+    steps: int
+    final_loss: float
+    success: bool
+    extra: dict = field(default_factory=dict)
+
+
+def model_device(model: nn.Module) -> torch.device:
+    return model.get_input_embeddings().weight.device
+
+
+@dataclass(frozen=True)
+class TargetBatch:
+    """Prompt(s) + target tokens of one request, with the rows' subject-position masks."""
+
+    input_ids: Tensor
+    attention_mask: Tensor
+    labels: Tensor
+    subject_mask: Tensor  # (B, L) bool
+
+    @classmethod
+    def build(cls, tokenizer, request: EditRequest, prefixes: Sequence[str], device) -> TargetBatch:
+        prompts = [request.prompt] + [f"{p.strip()} {request.prompt}" for p in prefixes]
+        ids, mask, labels = batch_prompt_targets(tokenizer, [(p, request.target_new) for p in prompts], device)
+        subject = torch.zeros_like(mask, dtype=torch.bool)
+        for i, p in enumerate(prompts):
+            start, end = subject_token_span(tokenizer, p, request.subject)
+            subject[i, start:end] = True
+        return cls(ids, mask, labels, subject)
+
+
+def _target_logits(model: nn.Module, batch: TargetBatch, valid: Tensor) -> Tensor:
+    """Logits at the positions that predict target tokens only (``(N, vocab)``): the LM head is
+    applied to those hidden states alone when the model exposes its base and head (cheaper)."""
+    head, base = model.get_output_embeddings(), getattr(model, "base_model", None)
+    plain = type(model).__name__.endswith("ForCausalLM") or type(model).__name__.endswith("LMHeadModel")
+    if plain and isinstance(head, nn.Linear) and base is not None and base is not model:
+        hidden = base(input_ids=batch.input_ids, attention_mask=batch.attention_mask)[0]
+        return head(hidden[:, :-1][valid])
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    return logits[:, :-1][valid]
+
+
+def target_nll(model: nn.Module, batch: TargetBatch) -> tuple[Tensor, bool, Tensor]:
+    """Mean (over rows) of each row's mean target-token NLL; whether row 0's target tokens are
+    all the argmax; and the log-probabilities at the target-predicting positions (``(N, vocab)``)."""
+    labels = batch.labels[:, 1:]
+    valid = labels != -100
+    logp = F.log_softmax(_target_logits(model, batch, valid).float(), dim=-1)
+    picked = logp.gather(-1, labels[valid].unsqueeze(-1)).squeeze(-1)
+    rows = torch.nonzero(valid)[:, 0]
+    counts = valid.sum(1).clamp_min(1).to(picked.dtype)
+    per_row = -torch.zeros(valid.shape[0], dtype=picked.dtype, device=picked.device).index_add(0, rows, picked)
+    first = rows == 0
+    hits = logp[first].argmax(-1) == labels[valid][first]
+    return (per_row / counts).mean(), bool(hits.all()), logp
+
+
+@contextmanager
+def rotation_hooks(
+    targets: Sequence[EditTarget],
+    vectors: Callable[[str], Tensor],
+    side: str,
+    positions: Tensor | None = None,
+    backend: str = "auto",
+) -> Iterator[None]:
+    """Apply each target's edit to its activations while the model runs (differentiable).
+
+    ``vectors(name)`` returns the current ``(k, n)`` vectors; ``positions`` (``(B, L)`` bool)
+    restricts the rotation to those tokens. Hooks are removed on exit.
+    """
+    handles = []
+
+    def rotate(x: Tensor, name: str) -> Tensor:
+        out = rotate_activations(x, vectors(name).to(x.dtype), side, backend=backend)
+        if positions is not None and x.dim() == 3 and positions.shape == x.shape[:2]:
+            out = torch.where(positions.unsqueeze(-1), out, x)
+        return out
+
+    def pre_hook(name: str):
+        def hook(module: nn.Module, args: tuple):
+            return (rotate(args[0], name), *args[1:])
+
+        return hook
+
+    def post_hook(name: str, bias: Tensor | None):
+        def hook(module: nn.Module, args: tuple, output: Tensor) -> Tensor:
+            if bias is None:
+                return rotate(output, name)
+            return rotate(output - bias, name) + bias
+
+        return hook
+
+    try:
+        for t in targets:
+            if side == "input":
+                handles.append(t.module.register_forward_pre_hook(pre_hook(t.name)))
+            else:
+                handles.append(t.module.register_forward_hook(post_hook(t.name, t.bias)))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextmanager
+def frozen(model: nn.Module) -> Iterator[None]:
+    """Turn off ``requires_grad`` on every parameter, restoring the flags on exit."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        for p, _ in flags:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+def finalize_vectors(raw: Mapping[str, Tensor], keep: Mapping, *, what: str) -> dict[str, Tensor]:
+    """Project each target's vectors onto its keep subspace's complement in float64 (exact
+    preservation) and check them: finite, non-zero."""
+    out = {}
+    for name, V in raw.items():
+        v64 = V.detach().double().cpu()
+        if not torch.isfinite(v64).all():
+            raise EditError(f"{what}: non-finite Householder vectors for {name}")
+        if name in keep:
+            for _ in range(2):
+                v64 = keep[name].project_out(v64)
+        norms = torch.linalg.vector_norm(v64, dim=1)
+        if (norms <= 1e-10 * max(float(norms.max()), 1e-300)).any() or float(norms.max()) == 0.0:
+            raise EditError(f"{what}: a Householder vector of {name} vanished (no room outside the keep subspace)")
+        out[name] = v64
+    return out

@@ -1,0 +1,109 @@
+"""Gradient solver: ``k`` fresh Householder reflections per edit and layer, learned with Adam.
+
+The rotation acts on the activations during optimisation (input side: ``y = W (Q^T x)``, i.e.
+``x Q`` on token rows) through ``householder_apply``'s autograd, so no ``n x n`` matrix is ever
+formed. The vectors start as equal pairs (``H(u) H(u) = I``, the edit starts at the identity) and
+live in the orthogonal complement of the keep subspace: the projection is part of the forward,
+so gradients are projected too. Loss: mean NLL of the target tokens (prompt masked), optionally
+averaged over context prefixes, plus an optional KL term on neighbourhood prompts.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from mose_kernels.editing.adapters import EditTarget
+from mose_kernels.editing.config import EditConfig
+from mose_kernels.editing.keep import KeepSubspace
+from mose_kernels.editing.requests import EditRequest
+from mose_kernels.editing.solvers.common import (
+    EditError,
+    SolveResult,
+    TargetBatch,
+    finalize_vectors,
+    frozen,
+    model_device,
+    rotation_hooks,
+    target_nll,
+)
+from mose_kernels.editing.tokens import pad_id
+
+logger = logging.getLogger(__name__)
+
+
+def _neighbour_batch(tokenizer, prompts: Sequence[str], device):
+    enc = [tokenizer(p.rstrip())["input_ids"] for p in prompts]
+    length = max(len(e) for e in enc)
+    ids = torch.full((len(enc), length), pad_id(tokenizer), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, e in enumerate(enc):
+        ids[i, : len(e)] = torch.tensor(e)
+        mask[i, : len(e)] = 1
+    last = torch.tensor([len(e) - 1 for e in enc])
+    return ids.to(device), mask.to(device), last.to(device)
+
+
+def solve(
+    model,
+    tokenizer,
+    targets: Sequence[EditTarget],
+    request: EditRequest,
+    keep: Mapping[str, KeepSubspace],
+    config: EditConfig,
+    neighbour_prompts: Sequence[str] = (),
+) -> SolveResult:
+    """Learn one edit's reflections; the model is left unchanged (hooks only)."""
+    k = config.num_reflections
+    if k % 2:
+        raise ValueError(f"the gradient solver needs an even num_reflections (pairs), got {k}")
+    device = model_device(model)
+    batch = TargetBatch.build(tokenizer, request, config.context_prefixes, device)
+    gen = torch.Generator().manual_seed(config.seed)
+    params, bases = {}, {}
+    for t in targets:
+        n = t.dim(config.side)
+        u = torch.randn(k // 2, n, generator=gen, dtype=torch.float64)
+        if t.name in keep:
+            u = keep[t.name].project_out(keep[t.name].project_out(u))
+        params[t.name] = u.repeat_interleave(2, dim=0).float().to(t.weight.device).requires_grad_()
+        basis = keep[t.name].basis if t.name in keep else None
+        bases[t.name] = None if basis is None or basis.shape[1] == 0 else basis.float().to(t.weight.device)
+
+    def effective(name: str) -> torch.Tensor:
+        V, B = params[name], bases[name]
+        return V if B is None else V - (V @ B) @ B.T
+
+    positions = batch.subject_mask if config.edit_positions == "subject" else None
+    use_kl = config.kl_weight > 0 and len(neighbour_prompts) > 0
+    opt = torch.optim.Adam(params.values(), lr=config.lr)
+    loss_value, success, step = float("nan"), False, 0
+    with frozen(model), torch.enable_grad():
+        if use_kl:
+            n_ids, n_mask, n_last = _neighbour_batch(tokenizer, neighbour_prompts, device)
+            rows = torch.arange(n_ids.shape[0], device=device)
+            with torch.no_grad():
+                base_logits = model(input_ids=n_ids, attention_mask=n_mask).logits[rows, n_last]
+                base_logp = F.log_softmax(base_logits.float(), -1)
+        with rotation_hooks(targets, effective, config.side, positions, config.backend):
+            for step in range(config.steps + 1):
+                loss, success, _ = target_nll(model, batch)
+                loss_value = float(loss.detach())
+                if not torch.isfinite(loss):
+                    raise EditError(f"non-finite loss at step {step} for request {request.case_id or request.prompt!r}")
+                if (success and loss_value < config.stop_loss) or step == config.steps:
+                    break
+                total = loss
+                if use_kl:
+                    logits = model(input_ids=n_ids, attention_mask=n_mask).logits[rows, n_last].float()
+                    kl = F.kl_div(F.log_softmax(logits, -1), base_logp, log_target=True, reduction="batchmean")
+                    total = total + config.kl_weight * kl
+                opt.zero_grad(set_to_none=True)
+                total.backward()
+                opt.step()
+    vectors = finalize_vectors(params, keep, what="gradient solver")
+    logger.debug("gradient solve: %d steps, loss %.4f, success %s", step, loss_value, success)
+    return SolveResult(vectors, step, loss_value, success)

@@ -1,0 +1,178 @@
+"""Closed-form (orthogonal Procrustes) solver.
+
+Per edited layer let ``a`` be the vector the rotation acts on at the subject's last token (the
+projection's input on the input side, its bias-free output on the output side) and ``t`` a target
+of the same norm, found ROME-style: a shared offset of ``a`` (renormalised, since a rotation cannot
+change norms) is optimised so that the target tokens become likely, over the prompt and its
+context-prefixed copies. The rotation ``M`` (``M a`` replaces ``a``) maximises
+``sum_i t_i . M a_i + lam * tr(M^T C)`` with ``C`` the second moment of the same vectors over a
+sample corpus, restricted to ``U = orth(P_perp [a_i, t_i])`` (``P`` the keep subspace):
+``M = I - U (I - M_s) U^T`` with ``M_s = polar(sum_i b_i a_i^T + lam U^T C U)`` (``r x r``). ``M_s``
+is then factored into at most ``2 r`` reflections by Householder QR, embedded as ``v = U h``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+from mose_kernels.editing.adapters import EditTarget, capture_io
+from mose_kernels.editing.config import EditConfig
+from mose_kernels.editing.keep import KeepSubspace
+from mose_kernels.editing.requests import EditRequest
+from mose_kernels.editing.solvers.common import (
+    EditError,
+    SolveResult,
+    TargetBatch,
+    finalize_vectors,
+    frozen,
+    model_device,
+    target_nll,
+)
+
+logger = logging.getLogger(__name__)
+
+
+def polar(A: Tensor) -> Tensor:
+    """Orthogonal polar factor ``U V^T`` of ``A = U S V^T`` (the closest orthogonal matrix)."""
+    u, _, vh = torch.linalg.svd(A)
+    return u @ vh
+
+
+def reflections_of(M: Tensor) -> Tensor:
+    """Householder vectors ``(k, r)`` with ``H_1 ... H_k = M`` for an orthogonal ``M`` (``r x r``).
+
+    Householder QR gives ``M = H_1 ... H_m D`` with ``D = diag(+-1)``; each ``-1`` of ``D`` is one
+    more reflection along a unit vector. Identity-like factors (``tau = 0``) are skipped.
+    """
+    r = M.shape[0]
+    a, tau = torch.geqrf(M)
+    rows = []
+    for j in range(r):
+        if tau[j].abs() <= 1e-14:
+            continue
+        v = torch.zeros(r, dtype=M.dtype)
+        v[j] = 1.0
+        v[j + 1 :] = a[j + 1 :, j]
+        rows.append(v)
+    for j in torch.nonzero(torch.diagonal(a) < 0).flatten().tolist():
+        e = torch.zeros(r, dtype=M.dtype)
+        e[j] = 1.0
+        rows.append(e)
+    return torch.stack(rows) if rows else M.new_zeros(0, r)
+
+
+def _last_subject_positions(batch: TargetBatch) -> Tensor:
+    L = batch.subject_mask.shape[1]
+    idx = torch.arange(L, device=batch.subject_mask.device).expand_as(batch.subject_mask)
+    return torch.where(batch.subject_mask, idx, torch.full_like(idx, -1)).max(dim=1).values
+
+
+def _search_targets(model, targets, batch, config) -> tuple[dict[str, Tensor], dict[str, Tensor], int, float, bool]:
+    """ROME-style target search: per layer, a shared offset at the subject's last token."""
+    side = config.side
+    rows = torch.arange(batch.input_ids.shape[0], device=batch.input_ids.device)
+    pos = _last_subject_positions(batch)
+    with torch.no_grad(), capture_io(targets) as io:
+        model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+    base = {}
+    for t in targets:
+        x, y = io[t.name][0]
+        vec = x if side == "input" else (y - t.bias if t.bias is not None else y)
+        base[t.name] = vec[rows, pos].float()
+    deltas = {t.name: torch.zeros(t.dim(side), device=t.weight.device, requires_grad=True) for t in targets}
+
+    def shift(name: str, vec: Tensor) -> Tensor:
+        a = vec[rows, pos]
+        scale = a.norm(dim=-1, keepdim=True)
+        moved = a + deltas[name].to(a.dtype) * scale / a.shape[-1] ** 0.5
+        moved = moved * scale / moved.norm(dim=-1, keepdim=True)
+        out = vec.clone()
+        out[rows, pos] = moved
+        return out
+
+    handles = []
+    for t in targets:
+        if side == "input":
+            handles.append(t.module.register_forward_pre_hook(
+                lambda m, args, name=t.name: (shift(name, args[0]), *args[1:])))
+        else:
+            def post(m, args, out, name=t.name, bias=t.bias):
+                return shift(name, out) if bias is None else shift(name, out - bias) + bias
+            handles.append(t.module.register_forward_hook(post))
+    opt = torch.optim.Adam(deltas.values(), lr=config.value_lr / max(1, config.value_steps) ** 0.5)
+    loss_value, success, step = float("nan"), False, 0
+    try:
+        with frozen(model), torch.enable_grad():
+            for step in range(config.value_steps + 1):
+                loss, success, _ = target_nll(model, batch)
+                loss_value = float(loss.detach())
+                if not torch.isfinite(loss):
+                    raise EditError("non-finite loss in the procrustes target search")
+                if (success and loss_value < config.stop_loss) or step == config.value_steps:
+                    break
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+    finally:
+        for h in handles:
+            h.remove()
+    with torch.no_grad():
+        goal = {}
+        for t in targets:
+            a = base[t.name]
+            scale = a.norm(dim=-1, keepdim=True)
+            moved = a + deltas[t.name].detach() * scale / a.shape[-1] ** 0.5
+            goal[t.name] = moved * scale / moved.norm(dim=-1, keepdim=True)
+    return base, goal, step, loss_value, success
+
+
+def rotation_vectors(
+    a: Tensor, b: Tensor, keep: KeepSubspace | None, corpus: Tensor | None, lam: float, side: str
+) -> Tensor:
+    """Householder vectors ``(k, n)`` of the rotation taking the rows of ``a`` towards those of ``b``
+    while fixing the keep subspace and (weight ``lam``) the corpus vectors."""
+    a64, b64 = a.double().cpu(), b.double().cpu()
+    span = torch.cat([a64, b64])
+    scale = torch.linalg.matrix_norm(span, ord=2).clamp_min(1e-300)
+    if keep is not None:
+        span = keep.project_out(keep.project_out(span))
+    u, s, _ = torch.linalg.svd(span.T, full_matrices=False)
+    U = u[:, s > 1e-8 * scale]
+    if U.shape[1] == 0:
+        raise EditError("the edit's vectors lie inside the keep subspace: no room to edit")
+    A = (U.T @ b64.T) @ (U.T @ a64.T).T  # sum_i b_i a_i^T in the subspace
+    if corpus is not None and lam > 0:
+        xu = corpus.double().cpu() @ U
+        A = A + lam * a64.shape[0] * (xu.T @ xu) / corpus.shape[0]
+    M = polar(A)  # M a ~ b
+    Q = M.T if side == "input" else M  # input side: Q^T a = M a; output side: Q a = M a
+    return reflections_of(Q) @ U.T
+
+
+def solve(
+    model,
+    tokenizer,
+    targets: Sequence[EditTarget],
+    request: EditRequest,
+    keep: Mapping[str, KeepSubspace],
+    config: EditConfig,
+    corpus: Mapping[str, Tensor] | None = None,
+) -> SolveResult:
+    """Closed-form edit of one request (the model is left unchanged)."""
+    batch = TargetBatch.build(tokenizer, request, config.context_prefixes, model_device(model))
+    base, goal, steps, loss, success = _search_targets(model, targets, batch, config)
+    raw = {}
+    for t in targets:
+        V = rotation_vectors(base[t.name], goal[t.name], keep.get(t.name),
+                             None if corpus is None else corpus.get(t.name), config.procrustes_lambda, config.side)
+        if V.shape[0]:  # an identity rotation (target equals the current vector) leaves the layer alone
+            raw[t.name] = V
+    if not raw:
+        raise EditError("procrustes solver found no rotation for any layer (targets equal the current vectors)")
+    vectors = finalize_vectors(raw, keep, what="procrustes solver")
+    logger.debug("procrustes solve: %d search steps, loss %.4f", steps, loss)
+    return SolveResult(vectors, steps, loss, success, {"reflections": {n: v.shape[0] for n, v in vectors.items()}})

@@ -1,0 +1,206 @@
+from __future__ import annotations
+
+import copy
+from dataclasses import replace
+
+import pytest
+import torch
+
+from mose_kernels import householder_matrix
+from mose_kernels.editing import EditConfig, EditError, EditJournal, EditRequest, MoseEditor, capture_io, edit
+from mose_kernels.editing.config import preset_for
+from mose_kernels.editing.solvers import procrustes
+from mose_kernels.editing.solvers.common import TargetBatch, target_nll
+
+from .conftest import FACTS
+
+NEW_FACTS = [
+    EditRequest("The capital of France is", "France", "Rome"),
+    EditRequest("Apple was founded by", "Apple", "Paris"),
+    EditRequest("The mother tongue of Danielle Darrieux is", "Danielle Darrieux", "Rome"),
+]
+
+
+def _config(solver="gradient", side="input", **kw) -> dict:
+    base = dict(layers=[0, 1, 2], solver=solver, side=side, num_reflections=8, steps=60, lr=0.1,
+                keep_corpus=[p for p, _ in FACTS], keep_corpus_dirs=2, value_steps=60, value_lr=2.0,
+                procrustes_lambda=0.0)
+    base.update(kw)
+    return base
+
+
+def _weights(editor):
+    return {t.name: t.weight.detach().clone() for t in editor.targets}
+
+
+def _nll(model, tokenizer, request) -> tuple[float, bool]:
+    batch = TargetBatch.build(tokenizer, request, [], "cpu")
+    with torch.no_grad():
+        loss, hit, _ = target_nll(model, batch)
+    return float(loss), hit
+
+
+@pytest.mark.parametrize("side", ["input", "output"])
+@pytest.mark.parametrize("solver", ["gradient", "procrustes"])
+def test_edit_takes_and_preserves_spectrum(model, tokenizer, solver, side):
+    editor = MoseEditor(model, tokenizer, _config(solver, side))
+    before = {t.name: torch.linalg.svdvals(t.weight.detach().double()) for t in editor.targets}
+    # A 3-layer model routes little from the subject token onwards: the closed form, which edits
+    # at the subject's last token, gets the whole prompt as its subject.
+    facts = NEW_FACTS[:2] if solver == "gradient" else [replace(r, subject=r.prompt) for r in NEW_FACTS[:2]]
+    nll_before = _nll(model, tokenizer, facts[0])[0]
+    results = editor.edit(facts)
+    assert [r.edit_id for r in results] == [0, 1] and len(editor.journal) == 2
+    nll_after, hit = _nll(model, tokenizer, facts[0])
+    assert nll_after < nll_before - 1.0
+    if solver == "gradient":
+        assert results[0].success and hit
+    for t in editor.targets:
+        after = torch.linalg.svdvals(t.weight.detach().double())
+        assert ((after - before[t.name]).abs() / before[t.name][0]).max() < 1e-5
+    for name, s in editor.stability().items():
+        assert s["max_sv_rel_change"] < 1e-5 and s["orth_error"] < 1e-5, (name, s)
+    assert not any(t.module._forward_hooks or t.module._forward_pre_hooks for t in editor.targets)
+
+
+def test_keep_subspace_preserves_earlier_keys_exactly(model, tokenizer):
+    editor = MoseEditor(model, tokenizer, _config())
+    editor.edit(NEW_FACTS[0])
+    ids = torch.tensor([tokenizer("The capital of France is Rome")["input_ids"]])
+    with torch.no_grad(), capture_io(editor.targets) as io:
+        model(input_ids=ids)
+    keys = {name: rec[0][0] for name, rec in io.items()}
+    out_before = {t.name: t.module(keys[t.name]) for t in editor.targets}
+    editor.edit(NEW_FACTS[1])
+    for t in editor.targets:
+        torch.testing.assert_close(t.module(keys[t.name]), out_before[t.name], rtol=1e-5, atol=1e-5)
+    assert all(k.dim > 2 for k in editor._keep.values())
+
+
+def test_undo_and_replay(model, tokenizer, tmp_path):
+    base = copy.deepcopy(model)
+    editor = MoseEditor(model, tokenizer, _config(steps=15))
+    w0 = _weights(editor)
+    editor.edit(NEW_FACTS[:2])
+    w2 = _weights(editor)
+    editor.edit(NEW_FACTS[2])
+    # replay on a fresh base model is bit-for-bit, also after a save/load round trip
+    editor.journal.save(tmp_path / "j")
+    loaded = EditJournal.load(tmp_path / "j")
+    assert [e.edit_id for e in loaded] == [0, 1, 2]
+    assert loaded.entries[0].request == NEW_FACTS[0]
+    for journal in (editor.journal, loaded):
+        fresh = copy.deepcopy(base)
+        journal.replay(fresh)
+        for t in editor.targets:
+            assert torch.equal(fresh.get_submodule(t.name).weight, t.weight)
+    editor.undo()
+    for t in editor.targets:
+        torch.testing.assert_close(t.weight, w2[t.name], rtol=0, atol=1e-6)
+    editor.undo(0)  # an earlier edit: unwind, drop, re-apply
+    assert [e.edit_id for e in editor.journal] == [1]
+    fresh = copy.deepcopy(base)
+    editor.journal.replay(fresh)
+    for t in editor.targets:
+        torch.testing.assert_close(t.weight, fresh.get_submodule(t.name).weight, rtol=0, atol=1e-6)
+    editor.undo()
+    for t in editor.targets:
+        torch.testing.assert_close(t.weight, w0[t.name], rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="nothing to undo"):
+        editor.undo()
+
+
+def test_failed_edit_changes_nothing(model, tokenizer, monkeypatch):
+    editor = MoseEditor(model, tokenizer, _config(steps=10))
+    editor.edit(NEW_FACTS[0])
+    w1, n1, keep1 = _weights(editor), len(editor.journal), editor._keep
+
+    def boom(request):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(editor, "_edit_keys", boom)  # fails after the weights were rotated
+    with pytest.raises(KeyboardInterrupt):
+        editor.edit(NEW_FACTS[1])
+    monkeypatch.undo()
+    assert len(editor.journal) == n1 and editor._keep is keep1
+    assert all(torch.equal(t.weight, w1[t.name]) for t in editor.targets)
+
+    real = editor._solve
+
+    def nan_solver(*args, **kwargs):
+        result = real(*args, **kwargs)
+        result.vectors = {k: v * float("nan") for k, v in result.vectors.items()}
+        return result
+
+    editor._solve = nan_solver
+    with pytest.raises(ValueError, match="NaN"):
+        editor.edit(NEW_FACTS[1])
+    assert len(editor.journal) == n1 and all(torch.equal(t.weight, w1[t.name]) for t in editor.targets)
+
+
+def test_half_precision_uses_fp32_master(tokenizer, _trained):
+    model = copy.deepcopy(_trained["llama"]).to(torch.bfloat16)
+    base = copy.deepcopy(model)
+    editor = MoseEditor(model, tokenizer, _config(steps=10))
+    editor.edit(NEW_FACTS[:2])
+    assert set(editor._masters) == {t.name for t in editor.targets}
+    for t in editor.targets:
+        assert t.weight.dtype == torch.bfloat16
+        assert torch.equal(t.weight, editor._masters[t.name].to(torch.bfloat16))
+    editor.journal.replay(base)
+    assert all(torch.equal(base.get_submodule(t.name).weight, t.weight) for t in editor.targets)
+    for s in editor.stability().values():
+        assert s["max_sv_rel_change"] < 1e-5
+
+
+def test_keyword_form_and_one_liner(model, tokenizer):
+    editor = edit(model, tokenizer, [{"prompt": "Apple was founded by", "subject": "Apple", "target_new": "Paris"}],
+                  **_config(steps=10))
+    assert len(editor.results) == 1 == len(editor.journal)
+    results = editor.edit(prompts=["The capital of Italy is"], target_new=["London"], subject=["Italy"],
+                          ground_truth=["Rome"], locality_inputs={"nb": {"prompt": ["The capital of France is"],
+                                                                          "ground_truth": ["Paris"]}})
+    assert results[0].request.locality_answers == ("Paris",)
+    batch = editor.edit(NEW_FACTS[:2], sequential_edit=False)
+    assert [r.edit_id for r in batch] == [2, 3]
+
+
+def test_bad_requests_and_config(model, tokenizer):
+    editor = MoseEditor(model, tokenizer, _config(steps=5))
+    with pytest.raises(ValueError, match="does not occur"):
+        editor.edit({"prompt": "The capital of France is", "subject": "Spain", "target_new": "Rome"})
+    with pytest.raises(ValueError, match="target_new is empty"):
+        editor.edit(prompts="The capital of France is", subject="France", target_new="")
+    with pytest.raises(TypeError, match="EditRequest or a dict"):
+        editor.edit([42])
+    with pytest.raises(ValueError, match="unknown EditConfig keys"):
+        EditConfig.from_dict({"layer": [1]})
+    with pytest.raises(ValueError, match="solver"):
+        EditConfig(solver="rome")
+    with pytest.raises(ValueError, match="even"):
+        MoseEditor(model, tokenizer, _config(num_reflections=3)).edit(NEW_FACTS[0])
+    assert len(editor.journal) == 0
+
+
+def test_presets(model):
+    config = preset_for(model)
+    assert config.layers and max(config.layers) < model.config.num_hidden_layers
+    assert config.solver == "gradient"
+
+
+def test_reflections_of_orthogonal_matrix():
+    for r in (1, 2, 5):
+        M = torch.linalg.qr(torch.randn(r, r, dtype=torch.float64))[0]
+        V = procrustes.reflections_of(M)
+        assert V.shape[0] <= 2 * r
+        torch.testing.assert_close(householder_matrix(V), M, rtol=0, atol=1e-12)
+    a = torch.randn(3, 40, dtype=torch.float64)
+    b = torch.randn(3, 40, dtype=torch.float64)
+    b = b * a.norm(dim=1, keepdim=True) / b.norm(dim=1, keepdim=True)
+    V = procrustes.rotation_vectors(a[:1], b[:1], None, None, 0.0, "output")
+    torch.testing.assert_close(householder_matrix(V) @ a[0], b[0], rtol=0, atol=1e-10)
+    with pytest.raises(EditError, match="no room"):
+        from mose_kernels.editing.keep import KeepSubspace
+
+        keep = KeepSubspace.empty(40, capacity=1.0).add(torch.randn(60, 40))
+        procrustes.rotation_vectors(a[:1], b[:1], keep, None, 0.0, "input")
