@@ -210,3 +210,61 @@ def test_path_choice():
     assert wy_triton.use_fused(1, 4096, 64, dev)  # LLaMA3-8B down_proj: 128 stripes
     assert not wy_triton.use_fused(1, 4096, 129, dev)  # k beyond the register tile
     assert not wy_triton.use_fused(1, 1, 3, dev)  # one stripe: split path
+
+
+def _op_args(name: str) -> tuple:
+    n, m, k = 63, 33, 5
+    W = make_weight(n, m, batch=(2,), device=DEVICE)
+    V = make_vectors(k, n, batch=(2,), device=DEVICE)
+    T = wy_triton.wy_factor(V)
+    X = V @ W
+    return {
+        "wy_factor": (V,),
+        "apply_fwd": (W, V, T, True, torch.empty_like(W)),
+        "apply_fwd_": (W.transpose(1, 2).contiguous().transpose(1, 2), V, T, False),
+        "apply_bwd": (torch.randn_like(W), W, V, T, X, False, True, True),
+    }[name]
+
+
+@pytest.mark.parametrize("name", ["wy_factor", "apply_fwd", "apply_fwd_", "apply_bwd"])
+def test_custom_ops_pass_opcheck(name):
+    """Schemas, fake (meta) implementations and mutation annotations of the torch.ops.mose_triton ops."""
+    torch.library.opcheck(getattr(torch.ops.mose_triton, name), _op_args(name))
+
+
+@pytest.mark.parametrize("side,transpose", [("left", False), ("right", True)])
+def test_compile_fullgraph_forward_and_backward(side, transpose):
+    """The autograd wrapper over the triton backend compiles without graph breaks into graphs that
+    call the opaque ops, and matches eager."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    from mose_kernels.ops.householder import autograd
+
+    backend = get_backend("triton")
+    n, m, k = 63, 33, 5
+    W = make_weight(n, m, device=DEVICE) if side == "left" else make_weight(m, n, device=DEVICE)
+    V = make_vectors(k, n, device=DEVICE)
+
+    def loss(W, V):
+        Y = autograd.apply(W, V, side, transpose, backend)
+        return (Y * Y.detach().roll(1, 0)).sum(), Y
+
+    graphs = []
+
+    def keep_graph(gm, example_inputs):
+        graphs.append(gm.code)
+        return make_boxed_func(gm)
+
+    compiled = torch.compile(loss, fullgraph=True, backend=aot_autograd(fw_compiler=keep_graph, bw_compiler=keep_graph))
+    results = []
+    for fn in (loss, compiled):
+        Wg, Vg = W.clone().requires_grad_(), V.clone().requires_grad_()
+        value, Y = fn(Wg, Vg)
+        value.backward()
+        results.append((Y.detach(), Wg.grad, Vg.grad))
+    for name, ref, got in zip(("Y", "dW", "dV"), *results, strict=True):
+        assert_close(name, ref, got, _tol(torch.float32, n * m, k))
+    traced = "".join(graphs)
+    for op in ("wy_factor", "apply_fwd", "apply_bwd"):
+        assert f"mose_triton.{op}" in traced, f"torch.ops.mose_triton.{op} missing from the compiled graphs"

@@ -10,6 +10,12 @@ Kernels, one family per file beside this one:
 - ``triton_apply_bwd``: ``dV`` and ``dW`` in one pass over ``dY`` and ``W`` after ``Z = V dY``
   (``triton_project``); ``dW`` alone (or ``k > 128``) reuses the forward: ``dW = Q^T dY``.
 
+Under ``torch.compile`` the backend calls them through custom ops, ``torch.ops.mose_triton``
+(``wy_factor``, ``apply_fwd``, ``apply_fwd_`` in place, ``apply_bwd``), with shape-only fake
+implementations: ``fullgraph=True`` sees each as one opaque call. Eager calls skip the op
+dispatch. ``torch.library.triton_op`` would let Inductor see the kernels, but its fake pass
+launches them, which the interpreter cannot do with fake tensors; only a GPU could test it.
+
 Runs on CUDA, or on CPU tensors in the Triton interpreter (``TRITON_INTERPRET=1`` set before
 ``triton`` is imported). float32 / float16 / bfloat16 weights; ``V``, ``T`` and all accumulation
 in float32.
@@ -100,6 +106,79 @@ def backward(
     return dW, dV
 
 
+@torch.library.custom_op("mose_triton::wy_factor", mutates_args=())
+def _factor_op(V: Tensor) -> Tensor:
+    return wy_factor(V)
+
+
+@_factor_op.register_fake
+def _(V: Tensor) -> Tensor:
+    return V.new_empty(V.shape[0], V.shape[1], V.shape[1])
+
+
+@torch.library.custom_op("mose_triton::apply_fwd", mutates_args=("out",))
+def _apply_fwd_op(W: Tensor, V: Tensor, T: Tensor, transpose: bool, out: Tensor) -> Tensor:
+    return forward(W, V, T, transpose, out)
+
+
+@_apply_fwd_op.register_fake
+def _(W: Tensor, V: Tensor, T: Tensor, transpose: bool, out: Tensor) -> Tensor:
+    return V.new_empty(V.shape[0], V.shape[1], W.shape[2])
+
+
+@torch.library.custom_op("mose_triton::apply_fwd_", mutates_args=("W",))
+def _apply_fwd_inplace_op(W: Tensor, V: Tensor, T: Tensor, transpose: bool) -> Tensor:
+    return forward(W, V, T, transpose, W)
+
+
+@_apply_fwd_inplace_op.register_fake
+def _(W: Tensor, V: Tensor, T: Tensor, transpose: bool) -> Tensor:
+    return V.new_empty(V.shape[0], V.shape[1], W.shape[2])
+
+
+@torch.library.custom_op("mose_triton::apply_bwd", mutates_args=())
+def _apply_bwd_op(
+    dY: Tensor, W: Tensor, V: Tensor, T: Tensor, X: Tensor, transpose: bool, need_dW: bool, need_dV: bool
+) -> tuple[Tensor, Tensor]:
+    dW, dV = backward(dY, W, V, T, X, transpose, need_dW, need_dV)
+    return (W.new_empty(0) if dW is None else dW), (V.new_empty(0) if dV is None else dV)
+
+
+@_apply_bwd_op.register_fake
+def _(
+    dY: Tensor, W: Tensor, V: Tensor, T: Tensor, X: Tensor, transpose: bool, need_dW: bool, need_dV: bool
+) -> tuple[Tensor, Tensor]:
+    dW = W.new_empty(dY.shape) if need_dW else W.new_empty(0)
+    return dW, (V.new_empty(V.shape) if need_dV else V.new_empty(0))
+
+
+# Eager calls go straight to the launchers (a custom-op dispatch costs tens of microseconds, the
+# order of a whole apply at LLaMA shapes); under torch.compile the opaque ops are traced instead.
+
+
+def _op_factor(V: Tensor) -> Tensor:
+    if not torch.compiler.is_compiling():
+        return wy_factor(V)
+    return torch.ops.mose_triton.wy_factor(V)
+
+
+def _op_forward(W: Tensor, V: Tensor, T: Tensor, transpose: bool, out: Tensor) -> Tensor:
+    if not torch.compiler.is_compiling():
+        return forward(W, V, T, transpose, out)
+    if out is W:
+        return torch.ops.mose_triton.apply_fwd_(W, V, T, transpose)
+    return torch.ops.mose_triton.apply_fwd(W, V, T, transpose, out)
+
+
+def _op_backward(
+    dY: Tensor, W: Tensor, V: Tensor, T: Tensor, X: Tensor, transpose: bool, need_dW: bool, need_dV: bool
+) -> tuple[Tensor | None, Tensor | None]:
+    if not torch.compiler.is_compiling():
+        return backward(dY, W, V, T, X, transpose, need_dW, need_dV)
+    dW, dV = torch.ops.mose_triton.apply_bwd(dY, W, V, T, X, transpose, need_dW, need_dV)
+    return (dW if need_dW else None), (dV if need_dV else None)
+
+
 def load_backend() -> Backend | None:
     """The Triton backend, or ``None`` when Triton cannot run here (no GPU and no interpreter)."""
     if torch.cuda.is_available():
@@ -113,7 +192,7 @@ def load_backend() -> Backend | None:
         name="triton",
         devices=devices,
         dtypes=frozenset({torch.float32, torch.float16, torch.bfloat16}),
-        factor=wy_factor,
-        forward=forward,
-        backward=backward,
+        factor=_op_factor,
+        forward=_op_forward,
+        backward=_op_backward,
     )
