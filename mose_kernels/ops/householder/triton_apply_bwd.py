@@ -18,12 +18,14 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from mose_kernels.ops.householder.triton_common import block_k, configs, dot_precision, round_to
+from mose_kernels.ops.householder.triton_common import block_k, configs, dot_precision, prune_by_registers, round_to
 
 _CONFIGS = configs([{"BN": 64, "BM": 64}, {"BN": 32, "BM": 128}, {"BN": 128, "BM": 32}], [(4, 3), (8, 3)])
 
 
-@triton.autotune(configs=_CONFIGS, key=["BK", "m", "WRITE_DW"])
+@triton.autotune(
+    configs=_CONFIGS, prune_configs_by={"early_config_prune": prune_by_registers}, key=["BK", "m", "WRITE_DW"]
+)
 @triton.jit
 def wy_apply_bwd_kernel(
     dy, w, v, c, p, r, dv, dw, n, m, k,

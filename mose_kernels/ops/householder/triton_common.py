@@ -46,6 +46,20 @@ def configs(blocks: list[dict[str, int]], warps_stages: list[tuple[int, int]]) -
     return out[:1] if INTERPRET else out
 
 
+def prune_by_registers(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    """Drop configs whose fp32 tiles (``BK x BM``, ``BK x BN``, two ``BN x BM``) would need more
+    than ~96 registers a thread, a spill guess (not measured) that matters for ``BK = 128``; keeps
+    the smallest config if none fits."""
+    bk = kwargs.get("BK", named_args.get("BK", 16))
+
+    def tile_elems(c: triton.Config) -> int:
+        bm, bn = c.kwargs.get("BM", 64), c.kwargs.get("BN", 64)
+        return bk * bm + bk * bn + 2 * bn * bm
+
+    fits = [c for c in configs if tile_elems(c) <= 96 * 32 * c.num_warps]
+    return fits or [min(configs, key=lambda c: tile_elems(c) / c.num_warps)]
+
+
 def sm_count(device: torch.device) -> int:
     """Streaming multiprocessors of ``device`` (132 on an H200); a nominal 132 off-GPU, so the
     interpreter takes the same path decisions as the GPU would."""

@@ -14,14 +14,16 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from mose_kernels.ops.householder.triton_common import block_k, configs, dot_precision, sm_count
+from mose_kernels.ops.householder.triton_common import block_k, configs, dot_precision, prune_by_registers, sm_count
 
 _CONFIGS = configs([{"BM": 64, "BN": 64}, {"BM": 32, "BN": 128}, {"BM": 128, "BN": 32}], [(4, 3), (8, 3)])
 # Smallest n-chunk of the split-n variant (rows per program).
 _MIN_ROWS = 512
 
 
-@triton.autotune(configs=_CONFIGS, key=["BK", "m"], reset_to_zero=["x"])
+@triton.autotune(
+    configs=_CONFIGS, prune_configs_by={"early_config_prune": prune_by_registers}, key=["BK", "m"], reset_to_zero=["x"]
+)
 @triton.jit
 def project_kernel(
     v, a, x, n, m, k, rows, NKB,

@@ -12,12 +12,15 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from mose_kernels.ops.householder.triton_common import block_k, configs, dot_precision, round_to
+from mose_kernels.ops.householder.triton_common import block_k, configs, dot_precision, prune_by_registers, round_to
 
 _CONFIGS = configs([{"BN": 64, "BM": 64}, {"BN": 128, "BM": 64}, {"BN": 64, "BM": 128}], [(4, 3), (8, 3)])
 
 
-@triton.autotune(configs=_CONFIGS, key=["BK", "m"], restore_value=["out"])
+@triton.autotune(
+    configs=_CONFIGS, prune_configs_by={"early_config_prune": prune_by_registers}, key=["BK", "m"],
+    restore_value=["out"],
+)
 @triton.jit
 def update_kernel(
     a, v, p, out, n, m, k,
