@@ -24,7 +24,7 @@ from mose_kernels.editing.keep import KeepSubspace
 from mose_kernels.editing.requests import EditRequest
 from mose_kernels.editing.solvers import gradient, procrustes
 from mose_kernels.editing.solvers.common import EditError, SolveResult, model_device
-from mose_kernels.editing.tokens import encode_prompt_target, pad_id
+from mose_kernels.editing.tokens import batch_prompts, encode_prompt_target, pad_id
 
 logger = logging.getLogger(__name__)
 
@@ -182,16 +182,8 @@ class MoseEditor:
 
     def _text_batches(self, texts: Sequence[str], size: int = 16) -> list[tuple[Tensor, Tensor]]:
         device = model_device(self.model)
-        batches = []
-        for i in range(0, len(texts), size):
-            enc = [self.tokenizer(t)["input_ids"] for t in texts[i : i + size]]
-            length = max(len(e) for e in enc)
-            ids = torch.full((len(enc), length), pad_id(self.tokenizer), dtype=torch.long)
-            mask = torch.zeros_like(ids)
-            for j, e in enumerate(enc):
-                ids[j, : len(e)], mask[j, : len(e)] = torch.tensor(e), 1
-            batches.append((ids.to(device), mask.to(device)))
-        return batches
+        chunks = [list(texts[i : i + size]) for i in range(0, len(texts), size)]
+        return [batch_prompts(self.tokenizer, chunk, device)[:2] for chunk in chunks]
 
     def _sample_corpus(self, count: int = 32, length: int = 32) -> list[str]:
         """Texts sampled from the model itself (a corpus needing no data files)."""

@@ -96,6 +96,24 @@ def pad_id(tokenizer) -> int:
     return 0
 
 
+def batch_prompts(
+    tokenizer, prompts: list[str], device: torch.device | str | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Right-padded batch of prompts alone: ``(input_ids, attention_mask, last)`` with ``last``
+    ``(B,)`` the position of each prompt's last token."""
+    if not prompts:
+        raise ValueError("batch_prompts needs at least one prompt")
+    encoded = [encode_prompt(tokenizer, p) for p in prompts]
+    length = max(e.numel() for e in encoded)
+    input_ids = torch.full((len(encoded), length), pad_id(tokenizer), dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    for i, e in enumerate(encoded):
+        input_ids[i, : e.numel()] = e
+        attention_mask[i, : e.numel()] = 1
+    last = torch.tensor([e.numel() - 1 for e in encoded])
+    return input_ids.to(device), attention_mask.to(device), last.to(device)
+
+
 def batch_prompt_targets(
     tokenizer, pairs: list[tuple[str, str]], device: torch.device | str | None = None
 ) -> tuple[Tensor, Tensor, Tensor]:

@@ -204,3 +204,12 @@ def test_reflections_of_orthogonal_matrix():
 
         keep = KeepSubspace.empty(40, capacity=1.0).add(torch.randn(60, 40))
         procrustes.rotation_vectors(a[:1], b[:1], keep, None, 0.0, "input")
+
+
+def test_kl_prefixes_and_subject_positions(model, tokenizer):
+    config = _config(kl_weight=1.0, neighbour_prompts=["The capital of Italy is", "Apple was founded by"],
+                     context_prefixes=["Michel Rocard is a native speaker of French."], edit_positions="subject")
+    editor = MoseEditor(model, tokenizer, config)
+    nll_before = _nll(model, tokenizer, NEW_FACTS[0])[0]
+    result = editor.edit(NEW_FACTS[0])[0]
+    assert result.steps > 0 and _nll(model, tokenizer, NEW_FACTS[0])[0] < nll_before

@@ -30,21 +30,9 @@ from mose_kernels.editing.solvers.common import (
     rotation_hooks,
     target_nll,
 )
-from mose_kernels.editing.tokens import pad_id
+from mose_kernels.editing.tokens import batch_prompts
 
 logger = logging.getLogger(__name__)
-
-
-def _neighbour_batch(tokenizer, prompts: Sequence[str], device):
-    enc = [tokenizer(p.rstrip())["input_ids"] for p in prompts]
-    length = max(len(e) for e in enc)
-    ids = torch.full((len(enc), length), pad_id(tokenizer), dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, e in enumerate(enc):
-        ids[i, : len(e)] = torch.tensor(e)
-        mask[i, : len(e)] = 1
-    last = torch.tensor([len(e) - 1 for e in enc])
-    return ids.to(device), mask.to(device), last.to(device)
 
 
 def solve(
@@ -83,7 +71,7 @@ def solve(
     loss_value, success, step = float("nan"), False, 0
     with frozen(model), torch.enable_grad():
         if use_kl:
-            n_ids, n_mask, n_last = _neighbour_batch(tokenizer, neighbour_prompts, device)
+            n_ids, n_mask, n_last = batch_prompts(tokenizer, list(neighbour_prompts), device)
             rows = torch.arange(n_ids.shape[0], device=device)
             with torch.no_grad():
                 base_logits = model(input_ids=n_ids, attention_mask=n_mask).logits[rows, n_last]

