@@ -127,11 +127,16 @@ def _sequential_run(edit_one: Callable[[EditRequest], dict], model, tok, request
             post.append(target_token_accuracy(model, tok, request))
     final = [target_token_accuracy(model, tok, r) for r in requests] if eval_efficacy else []
     known = [p for p in peaks if p is not None]
+    steady = [p for p in peaks[1:] if p is not None]
     return {
         "seconds_per_edit": sum(per_edit) / len(per_edit),
         "seconds_per_edit_median": sorted(per_edit)[len(per_edit) // 2],
+        # the first edit of an editor includes one-off set-up (e.g. corpus statistics)
+        "first_edit_s": per_edit[0],
+        "seconds_per_edit_steady": sum(per_edit[1:]) / (len(per_edit) - 1) if len(per_edit) > 1 else None,
         "seconds": per_edit,
         "peak_extra_bytes": max(known) if known else None,
+        "peak_extra_bytes_steady": max(steady) if steady else None,
         "efficacy_post_edit": sum(post) / len(post) if post else None,
         "efficacy_after_all": sum(final) / len(final) if final else None,
         "last": info,

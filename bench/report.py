@@ -161,32 +161,59 @@ def editing_table(doc: dict) -> str | None:
     ed = doc.get("editing")
     if not ed:
         return None
-    lines = [f"**Editing throughput**: {ed['model']} ({ed['dtype']}), {ed['edits']} sequential edits from "
-             f"{ed['requests']}; efficacy = {ed['efficacy']}.", "",
-             "| method | layers | s/edit (mean) | s/edit (median) | peak extra MiB | efficacy post-edit | "
-             "efficacy after all | note |", "|---" * 8 + "|"]
+    when = (f" (measured {ed['machine_date']}, {ed['threads']} torch threads, load average {ed['load']} at "
+            f"start, `{ed['source']}`)" if "source" in ed else "")
+    lines = [f"**Editing throughput**{when}: {ed['model']} ({ed['dtype']}), {ed['edits']} sequential edits from "
+             f"{ed['requests']}; each method from the same unedited weights, on the same layers; "
+             f"peak extra memory: {ed['memory_method']}; efficacy = {ed['efficacy']}.", "",
+             "| method | layers | first edit s (incl. set-up) | s/edit after the first | s/edit (median, all) "
+             "| peak extra MiB (all / after the first) | efficacy post-edit | efficacy after all |",
+             "|---" * 8 + "|"]
+
+    def f(x, digits=2):
+        return "-" if x is None else f"{x:.{digits}f}"
+
     for r in ed["rows"]:
         if r["status"] != "ok":
             lines.append(f"| {r['method']} | - | - | - | - | - | - | {r['status']}: {r.get('reason', '')} |")
             continue
-
-        def f(x):
-            return "-" if x is None else f"{x:.2f}"
-
-        lines.append(f"| {r['method']} | {r['layers']} | {r['seconds_per_edit']:.3f} | "
-                     f"{r['seconds_per_edit_median']:.3f} | {_mib(r.get('peak_extra_bytes'))} | "
-                     f"{f(r.get('efficacy_post_edit'))} | {f(r.get('efficacy_after_all'))} | |")
+        secs = r["seconds"]
+        steady = sum(secs[1:]) / (len(secs) - 1) if len(secs) > 1 else None
+        steady_peak = r.get("peak_extra_bytes_steady")
+        lines.append(f"| {r['method']} | {r['layers']} | {secs[0]:.2f} | {f(steady)} | "
+                     f"{r['seconds_per_edit_median']:.2f} | {_mib(r.get('peak_extra_bytes'))} / "
+                     f"{_mib(steady_peak) if 'peak_extra_bytes_steady' in r else 'n/a'} | "
+                     f"{f(r.get('efficacy_post_edit'))} | {f(r.get('efficacy_after_all'))} |")
     return "\n".join(lines)
 
 
-def render(results: Path, readme: Path = README) -> None:
-    """Write ``<results>.md`` (every row), ``<results>.png`` (the plot) and the README section."""
-    doc = json.loads(Path(results).read_text())
+def merge(paths: list[Path]) -> tuple[dict, list[Path]]:
+    """Kernel rows from the first file that has any, editing from the first that has it."""
+    docs = [(Path(p), json.loads(Path(p).read_text())) for p in paths]
+    main = next(((p, d) for p, d in docs if d["rows"]), docs[0])
+    doc = dict(main[1])
+    editing = next(((p, d) for p, d in docs if d.get("editing")), None)
+    if editing is not None:
+        doc["editing"] = dict(editing[1]["editing"], source=editing[0].name,
+                              machine_date=editing[1]["machine"]["date"],
+                              threads=editing[1]["machine"]["torch_threads"],
+                              load=editing[1]["machine"].get("load_average_start"))
+    return doc, [main[0]] + ([editing[0]] if editing is not None and editing[0] != main[0] else [])
+
+
+def render(results: Path | list[Path], readme: Path = README) -> None:
+    """Write ``<results>.md`` (every row), ``<results>.png`` (the plot) and the README section.
+
+    Several files may be given: kernel rows come from the first that has any, the editing section
+    from the first that has one."""
+    doc, used = merge(results if isinstance(results, list) else [results])
+    results = used[0]
     full_path = results.with_suffix(".md")
     full_path.write_text(f"# Every row of {results.name}\n\n{header(doc)}\n\n{full_table(doc)}\n")
     png = plot(doc, results.with_suffix(".png"))
-    parts = [f"Results file: [`{results.name}`](results/{results.name}); every row with every metric: "
-             f"[`{full_path.name}`](results/{full_path.name}).", "", header(doc), ""]
+    files = ", ".join(f"[`{p.name}`](results/{p.name})" for p in used)
+    parts = [f"Results files: {files}; every row with every metric: [`{full_path.name}`](results/{full_path.name}).",
+             "", header(doc), ""]
     if png is not None:
         parts += [f"![time vs k](results/{png.name})", ""]
     for op, side in SUMMARY:

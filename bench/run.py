@@ -293,7 +293,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="smollm2-135m (CPU default), llama3-8b-random (CUDA default) or tiny-llama")
     parser.add_argument("--editing-edits", type=int, default=None, help="edits per solver (default 5)")
     parser.add_argument("--no-kernels", action="store_true", help="skip the kernel rows (editing only)")
-    parser.add_argument("--out", default=None, help="results JSON path (default bench/results/<device>-<date>.json)")
+    parser.add_argument("--out", action="append", default=None,
+                        help="results JSON path (default bench/results/<device>-<mode>-<date>.json); with "
+                             "--render it may be given twice (kernel rows from one file, editing from another)")
     parser.add_argument("--render", action="store_true", help="re-render bench/README.md and the plot from --out")
     parser.add_argument("--no-reexec", action="store_true", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -413,7 +415,9 @@ def _run(args: argparse.Namespace, config: Config, device: torch.device) -> dict
     doc["wall_s"] = time.perf_counter() - started
     doc["machine"]["load_average_end"] = measure.load_average()
     doc["config"]["dtypes"] = list(config.dtypes)
-    out = Path(args.out) if args.out else _default_out(config)
+    if args.out and len(args.out) > 1:
+        raise ValueError("--out may be given once, except with --render")
+    out = Path(args.out[0]) if args.out else _default_out(config)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(doc, indent=1, default=str))
     print(f"# wrote {out} ({doc['wall_s']:.0f} s)")
@@ -436,7 +440,7 @@ def main(argv: list[str] | None = None) -> int:
 
         if not args.out:
             raise SystemExit("--render needs --out <results json>")
-        report.render(Path(args.out))
+        report.render([Path(p) for p in args.out])
         return 0
     doc = run(args)
     return 0 if all(r["status"] != "error" for r in doc["rows"]) else 1
