@@ -247,3 +247,32 @@ def capture_io(
     finally:
         for h in handles:
             h.remove()
+
+
+class _StopForward(Exception):
+    """Raised by a hook to end a forward pass once every target has been seen."""
+
+
+def capture_activations(model: nn.Module, targets: Sequence[EditTarget], **inputs) -> dict[str, tuple[Tensor, Tensor]]:
+    """Run ``model(**inputs)`` only as far as needed to record every target's ``(input, output)``
+    (detached): the layers after the last target and the LM head are skipped."""
+    handles = []
+
+    with capture_io(targets) as io:
+
+        def stop(module: nn.Module, args: tuple, output: Tensor) -> None:
+            if all(io[t.name] for t in targets):
+                raise _StopForward
+
+        try:
+            handles = [t.module.register_forward_hook(stop) for t in targets]
+            model(**inputs)
+        except _StopForward:
+            pass
+        finally:
+            for h in handles:
+                h.remove()
+    missing = [t.name for t in targets if not io[t.name]]
+    if missing:
+        raise RuntimeError(f"the forward pass never reached {missing}")
+    return {t.name: io[t.name][0] for t in targets}

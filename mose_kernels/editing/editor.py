@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from mose_kernels.editing.adapters import EditTarget, capture_io, find_edit_targets, rotate_weight_
+from mose_kernels.editing.adapters import EditTarget, capture_activations, find_edit_targets, rotate_weight_
 from mose_kernels.editing.config import EditConfig, preset_for
 from mose_kernels.editing.journal import EditJournal, JournalEntry
 from mose_kernels.editing.keep import KeepSubspace
@@ -169,12 +169,12 @@ class MoseEditor:
     def _activations(self, batches: Sequence[tuple[Tensor, Tensor]]) -> dict[str, Tensor]:
         """Vectors the edits act on (inputs, or bias-free outputs) at every non-pad position."""
         out: dict[str, list[Tensor]] = {t.name: [] for t in self.targets}
-        with torch.no_grad(), capture_io(self.targets) as io:
+        with torch.no_grad():
             for ids, mask in batches:
-                self.model(input_ids=ids, attention_mask=mask)
+                io = capture_activations(self.model, self.targets, input_ids=ids, attention_mask=mask)
                 valid = mask.bool()
                 for t in self.targets:
-                    x, y = io[t.name].pop()
+                    x, y = io[t.name]
                     if self.config.side == "output":
                         x = y - t.bias if t.bias is not None else y
                     out[t.name].append(x[valid.to(x.device)].double().cpu())

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from mose_kernels.editing.adapters import (
+    capture_activations,
     capture_io,
     find_edit_targets,
     num_layers,
@@ -72,4 +73,18 @@ def test_capture_removes_hooks(model, tokenizer):
         model(input_ids=ids)
         raise RuntimeError("boom")
     assert all(len(v) == 1 for v in io.values())
+    assert all(not t.module._forward_hooks for t in targets)
+
+
+def test_capture_activations_stops_early(model, tokenizer):
+    targets = find_edit_targets(model, [0, 1])
+    ids = torch.tensor([tokenizer("Apple was founded by")["input_ids"]])
+    last = find_edit_targets(model, [2])
+    with capture_io(targets + last) as full:
+        model(input_ids=ids)
+    with capture_io(last) as late:
+        got = capture_activations(model, targets, input_ids=ids)
+    assert not late[last[0].name]  # layer 2 never ran
+    for t in targets:
+        assert torch.equal(got[t.name][0], full[t.name][0][0]) and torch.equal(got[t.name][1], full[t.name][0][1])
     assert all(not t.module._forward_hooks for t in targets)
