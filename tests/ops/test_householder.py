@@ -48,20 +48,6 @@ def _forward_cases() -> list:
     return cases
 
 
-@pytest.fixture
-def poisoned_empty(monkeypatch):
-    """Make torch.empty return NaN-filled tensors so reads of unwritten output show up."""
-    real_empty = torch.empty
-
-    def nan_empty(*args, **kwargs):
-        out = real_empty(*args, **kwargs)
-        if out.is_floating_point():
-            out.fill_(float("nan"))
-        return out
-
-    monkeypatch.setattr(torch, "empty", nan_empty)
-
-
 def _operands(n: int, m: int, k: int, side: str, dtype: torch.dtype, batch=()):
     V = make_vectors(k, n, batch=batch if len(batch) else ())
     W = make_weight(n, m, batch=batch, dtype=dtype) if side == "left" else make_weight(m, n, batch=batch, dtype=dtype)

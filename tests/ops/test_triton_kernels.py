@@ -39,18 +39,6 @@ SHAPES = [
 ]
 
 
-@pytest.fixture
-def nan_empty(monkeypatch):
-    """NaN-fill what ``torch.empty`` returns, so an output element a kernel forgets shows up.
-    (Same idea as ``poisoned_empty`` in test_householder.py; a candidate for conftest.)"""
-    real_empty = torch.empty
-
-    def poisoned(*args, **kwargs):
-        return real_empty(*args, **kwargs).fill_(float("nan"))
-
-    monkeypatch.setattr(torch, "empty", poisoned)
-
-
 def _tol(dtype: torch.dtype, n: int, k: int) -> float:
     """Interpreter and fp32 GPU runs ("tf32x3") keep fp32 accuracy; half GPU runs use tf32 dots."""
     rtol = tolerance(dtype, n, k)
@@ -95,7 +83,7 @@ def _forward_cases() -> list:
     "k,n", [(1, 1), (3, 7), (16, 63), (17, 100), (64, 100), (65, 100), (17, 4100), (130, 300)],
     ids=lambda v: str(v),
 )
-def test_factor_matches_reference(k, n, nan_empty):
+def test_factor_matches_reference(k, n, poisoned_empty):
     V = make_vectors(k, n, batch=(2,), device=DEVICE)
     T = wy_triton.wy_factor(V)
     assert T.shape == (2, k, k) and T.dtype == torch.float32 and T.is_contiguous()
@@ -104,7 +92,7 @@ def test_factor_matches_reference(k, n, nan_empty):
 
 
 @pytest.mark.parametrize("n,m,k,b,transpose,dtype,layout,fused", _forward_cases())
-def test_forward(n, m, k, b, transpose, dtype, layout, fused, nan_empty):
+def test_forward(n, m, k, b, transpose, dtype, layout, fused, poisoned_empty):
     W = _weight(n, m, b, dtype, layout)
     V = make_vectors(k, n, batch=(b,), device=DEVICE)
     ref = _ref_forward(W, V, transpose)
@@ -128,7 +116,7 @@ def _backward_cases() -> list:
 
 
 @pytest.mark.parametrize("n,m,k,transpose,dtype", _backward_cases())
-def test_backward_matches_float64_autograd(n, m, k, transpose, dtype, nan_empty):
+def test_backward_matches_float64_autograd(n, m, k, transpose, dtype, poisoned_empty):
     """Both gradients: one dW + dV pass for k <= 128, dW through the forward beyond."""
     b = 2
     W = _weight(n, m, b, dtype, "transposed" if transpose else "contiguous")
@@ -148,7 +136,7 @@ def test_backward_matches_float64_autograd(n, m, k, transpose, dtype, nan_empty)
 
 
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "split"])
-def test_backward_computes_only_what_is_needed(fused, nan_empty):
+def test_backward_computes_only_what_is_needed(fused, poisoned_empty):
     """dW alone comes from the forward on dY (either path), dV alone from project + the dV pass."""
     n, m, k = 63, 33, 17
     W = make_weight(n, m, batch=(1,), device=DEVICE)

@@ -11,17 +11,15 @@ import torch
 from torch import Tensor
 
 from mose_kernels.backends import Backend
+from mose_kernels.reference import wy_factor_ref
 
 # Rows of W upcast at a time for half-precision weights: 8 MiB of float32 at m = 4096.
 _ROW_BLOCK_ELEMS = 1 << 21
 
 
 def factor(V: Tensor) -> Tensor:
-    """``T`` with ``T^{-1} = diag(G)/2 + striu(G)``, ``G = V V^T``."""
-    gram = V @ V.transpose(-1, -2)
-    s_inv = torch.triu(gram, diagonal=1) + torch.diag_embed(0.5 * torch.diagonal(gram, dim1=-2, dim2=-1))
-    eye = torch.eye(V.shape[-2], dtype=V.dtype, device=V.device).expand_as(s_inv)
-    return torch.linalg.solve_triangular(s_inv, eye, upper=True)
+    """``T`` with ``T^{-1} = diag(G)/2 + striu(G)``, ``G = V V^T``, contiguous."""
+    return wy_factor_ref(V).contiguous()
 
 
 def _row_blocks(n: int, m: int) -> range:
