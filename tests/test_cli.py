@@ -1,0 +1,97 @@
+"""The ``mose`` command line, end to end on a tiny random LLaMA saved to a folder."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mose_kernels.cli import main
+from mose_kernels.evaluation.report import PLOTS
+from tests.evaluation.tiny import save_tiny_model
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-llama"))
+
+
+def _run(argv, capsys):
+    status = main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return status, captured.out, captured.err
+
+
+def test_demo_quick_end_to_end(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "demo"
+    status, stdout, _ = _run(["demo", "--quick", "--model", tiny_dir, "--out", out, "--steps", 4, "--no-progress"],
+                             capsys)
+    assert status == 0
+    report = (out / "report.md").read_text()
+    assert "Protocol after-each" in report and "Protocol after-all" in report
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics["methods"]) == {"mose", "ft"}
+    assert metrics["num_requests"] == 8 and metrics["protocols"] == ["after-each", "after-all"]
+    for run in metrics["methods"].values():
+        assert len(run["edits"]) == 8
+        assert [p["edits"] for p in run["curve"]] == [0, 2, 4, 6, 8]
+        assert 0.0 <= run["after_all"]["summary"]["locality_acc"] <= 1.0
+    for name in PLOTS:
+        assert (out / name).read_bytes()[:8] == PNG_MAGIC
+    assert "before:" in stdout and str(out / "report.md") in stdout
+
+
+def test_edit_replay_undo_round_trip(tiny_dir, tmp_path, capsys):
+    requests = tmp_path / "requests.json"
+    requests.write_text(json.dumps([
+        {"prompt": "The capital of France is", "subject": "France", "target_new": "Rome", "ground_truth": "Paris"},
+        {"prompt": "Bees make", "subject": "Bees", "target_new": "wax", "ground_truth": "honey"},
+    ]))
+    edited = tmp_path / "edited"
+    status, stdout, _ = _run(["edit", "--model", tiny_dir, "--requests", requests, "--out", edited, "--steps", 3,
+                              "--layers", "1,2", "--no-progress"], capsys)
+    assert status == 0 and "2 edits" in stdout
+    journal = json.loads((edited / "journal" / "journal.json").read_text())
+    assert len(journal["entries"]) == 2
+
+    replayed = tmp_path / "replayed"
+    assert _run(["replay", "--model", tiny_dir, "--journal", edited / "journal", "--out", replayed], capsys)[0] == 0
+    a, b = load_file(edited / "model" / "model.safetensors"), load_file(replayed / "model.safetensors")
+    name = "model.layers.1.mlp.down_proj.weight"
+    torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6)
+
+    undone = tmp_path / "undone"
+    status, _, _ = _run(["undo", "--model", edited / "model", "--journal", edited / "journal", "--out", undone],
+                        capsys)
+    assert status == 0
+    assert len(json.loads((undone / "journal" / "journal.json").read_text())["entries"]) == 1
+    base = load_file(tiny_dir / "model.safetensors")
+    assert not torch.allclose(base[name], load_file(undone / "model" / "model.safetensors")[name])
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["eval", "--model", "{tiny}", "--requests", "{tmp}/missing.json", "--out", "{tmp}/o"], "not found"),
+        (["eval", "--model", "no-such-model", "--requests", "{req}", "--out", "{tmp}/o"], "unknown model"),
+        (["eval", "--model", "{tiny}", "--requests", "{bad}", "--out", "{tmp}/o"], "record 0"),
+        (["eval", "--model", "{tiny}", "--requests", "{req}", "--baseline", "lora", "--out", "{tmp}/o"], "--baseline"),
+        (["replay", "--model", "{tiny}", "--journal", "{tmp}", "--out", "{tmp}/o"], "not an edit journal"),
+    ],
+    ids=["missing-file", "unknown-model", "malformed-requests", "unknown-baseline", "not-a-journal"],
+)
+def test_user_errors_are_one_line_with_status_2(tiny_dir, tmp_path, capsys, argv, message):
+    req = tmp_path / "ok.json"
+    req.write_text(json.dumps([{"prompt": "Bees make", "subject": "Bees", "target_new": "wax"}]))
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps([{"prompt": "Bees make", "target_new": "wax"}]))
+    fill = {"tiny": str(tiny_dir), "tmp": str(tmp_path), "req": str(req), "bad": str(bad)}
+    status, _, stderr = _run([a.format(**fill) for a in argv], capsys)
+    assert status == 2
+    lines = [line for line in stderr.splitlines() if line.startswith("mose:")]
+    assert len(lines) == 1 and message in lines[0]
+    assert "Traceback" not in stderr
