@@ -52,6 +52,7 @@ SCHEMA = "mose-bench/1"
 BASELINE = "torch_wy"
 _ERROR_CHECK_MAX_NUMEL = 60_000_000  # float64 ground truth only where it fits comfortably
 REDUCED_OPS = ("wy_factor", "fwd", "fwd_inplace", "bwd_V")
+DTYPES_BY_NAME = {str(d).replace("torch.", ""): d for d in DTYPES.values()}
 
 
 @dataclass
@@ -72,7 +73,7 @@ class Config:
     max_call_s: float = 6.0
     mem_cap_bytes: float = 4 * 2**30
     rotate_bytes: int = 128 * 2**20
-    max_sets: int = 8
+    max_sets: int = 48
     ceiling_copy_bytes: int = 256 * 2**20
     ceiling_gemm_size: int = 2048
     check_errors: bool = True
@@ -153,7 +154,7 @@ def _rotating(calls: list[Callable[[], object]]) -> Callable[[], object]:
 
 
 def _run_provider(case: Case, provider: Provider, sets: list[Inputs], config: Config, truth,
-                  pristine: torch.Tensor) -> dict:
+                  pristine: torch.Tensor, est_extra_bytes: float) -> dict:
     """Memory probe + warm-up, then timed calls rotating over the input sets."""
     device = config.torch_device
     fn = provider.fn(case)
@@ -175,7 +176,9 @@ def _run_provider(case: Case, provider: Provider, sets: list[Inputs], config: Co
             return torch.autograd.grad(y, leaves, torch.ones_like(y))
 
         row["peak_extra_bytes"] = measure.peak_extra_memory(fwd_bwd, device)  # forward + backward
-        graphs = [graph(inp) for inp in sets]
+        # every retained graph holds the provider's saved tensors: keep them within the memory cap
+        per_graph = max(row["peak_extra_bytes"] or 0, est_extra_bytes, 1)
+        graphs = [graph(inp) for inp in sets[: max(1, int(config.mem_cap_bytes / 4 // per_graph))]]
         calls = []
         for y, leaves in graphs:
             dy = torch.randn_like(y)
@@ -203,12 +206,13 @@ def _run_provider(case: Case, provider: Provider, sets: list[Inputs], config: Co
     return row
 
 
-def run_kernels(config: Config, ceilings: Ceilings, *, log: Callable[[str], None] = print) -> list[dict]:
-    """Every (case, provider) row of the plan."""
+def run_kernels(config: Config, ceilings: Ceilings, *, rows: list[dict] | None = None,
+                on_case: Callable[[], None] | None = None, log: Callable[[str], None] = print) -> list[dict]:
+    """Every (case, provider) row of the plan, appended to ``rows``; ``on_case`` after each case."""
     device = config.torch_device
     available = [p for p in providers(device) if config.providers is None or p.name in config.providers]
     gen = torch.Generator(device=device).manual_seed(0)
-    rows = []
+    rows = [] if rows is None else rows
     for case in plan(config):
         sets: list[Inputs] | None = None
         truth = pristine = None
@@ -234,7 +238,7 @@ def run_kernels(config: Config, ceilings: Ceilings, *, log: Callable[[str], None
                     truth = _ground_truth(case, sets[0]) if config.check_errors else None
                     pristine = sets[0].W.clone() if case.op == "fwd_inplace" else sets[0].W
                 try:
-                    row.update(_run_provider(case, provider, sets, config, truth, pristine), status="ok")
+                    row.update(_run_provider(case, provider, sets, config, truth, pristine, est_mem), status="ok")
                 except (RuntimeError, ValueError, MemoryError) as exc:  # e.g. out of memory
                     logger.warning("%s failed on %s: %s", provider.name, case, exc)
                     row.update(status="error", reason=f"{type(exc).__name__}: {exc}"[:300])
@@ -250,6 +254,8 @@ def run_kernels(config: Config, ceilings: Ceilings, *, log: Callable[[str], None
                 row["speedup_vs_torch_wy"] = base["median_s"] / row["median_s"]
         rows.extend(case_rows)
         del sets, truth, pristine
+        if on_case is not None:
+            on_case()
     return rows
 
 
@@ -325,7 +331,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
     cuda = args.device.startswith("cuda")
     config = Config(device=args.device)
     if cuda:
-        config = Config(device=args.device, dtypes=("bf16", "fp32"), row_budget_s=0.1, max_call_s=2.0,
+        config = Config(device=args.device, dtypes=("bf16", "fp32"), row_budget_s=0.05, max_call_s=2.0,
                         mem_cap_bytes=60 * 2**30, rotate_bytes=512 * 2**20, ceiling_copy_bytes=2 * 2**30,
                         ceiling_gemm_size=8192)
     if args.quick:
@@ -386,43 +392,73 @@ def run(args: argparse.Namespace) -> dict:
         torch.set_num_threads(threads)
 
 
+def _best_ceilings(first: Ceilings, last: Ceilings, doc: dict) -> Ceilings:
+    best = Ceilings(copy_bytes_per_s=max(first.copy_bytes_per_s, last.copy_bytes_per_s),
+                    gemm_flops_per_s={k: max(v, last.gemm_flops_per_s.get(k, v))
+                                      for k, v in first.gemm_flops_per_s.items()})
+    doc["ceilings"].update(copy_bytes_per_s=best.copy_bytes_per_s, gemm_flops_per_s=best.gemm_flops_per_s,
+                           measured_at_start={"copy": first.copy_bytes_per_s, "gemm": first.gemm_flops_per_s},
+                           measured_at_end={"copy": last.copy_bytes_per_s, "gemm": last.gemm_flops_per_s},
+                           rule="best of the measurements at the start and at the end of the run")
+    return best
+
+
+def _update_floor(row: dict, ceilings: Ceilings) -> None:
+    case = Case(row["op"], row["shape"], row["n"], row["m"], row["k"],
+                "left" if row["side"] == "-" else row["side"], DTYPES_BY_NAME[row["dtype"]])
+    row["floor_s"] = floor_seconds(case, ceilings)
+    if row["status"] == "ok":
+        row["pct_floor"] = 100.0 * row["floor_s"] / row["median_s"]
+
+
 def _run(args: argparse.Namespace, config: Config, device: torch.device) -> dict:
     started = time.perf_counter()
+    if args.out and len(args.out) > 1:
+        raise ValueError("--out may be given once, except with --render")
+    out = Path(args.out[0]) if args.out else _default_out(config)
+    out.parent.mkdir(parents=True, exist_ok=True)
     info = measure.machine_info(device)
     ceilings = measure_ceilings(config)
     print(f"# {info['cpu'] if device.type == 'cpu' else info['gpu']['name']}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads; copy {ceilings.copy_bytes_per_s / 1e9:.1f} GB/s (read+write), "
           f"GEMM " + ", ".join(f"{k} {v / 1e9:.1f} GFLOP/s" for k, v in ceilings.gemm_flops_per_s.items()))
-    rows = [] if args.no_kernels else run_kernels(config, ceilings)
+    config_doc = asdict(config)
+    config_doc["dtypes"] = list(config.dtypes)
     doc = {
         "schema": SCHEMA,
         "machine": info,
-        "config": {key: value for key, value in asdict(config).items()},
+        "config": config_doc,
         "ceilings": {"copy_bytes_per_s": ceilings.copy_bytes_per_s, "gemm_flops_per_s": ceilings.gemm_flops_per_s,
                      "copy_method": f"dst.copy_(src), {config.ceiling_copy_bytes / 2**20:.0f} MiB float32, "
                                     "bytes read + written, best of 5",
                      "gemm_method": f"torch.mm {config.ceiling_gemm_size}^3 random data, best of 3"},
         "memory_method": measure.CUDA_MEMORY_METHOD if device.type == "cuda" else measure.CPU_MEMORY_METHOD,
         "providers": {p.name: p.description for p in providers(device)},
-        "rows": rows,
+        "rows": [],
+        "complete": False,
     }
+
+    def save() -> None:  # after every case, so a run stopped by a time limit keeps what it measured
+        doc["wall_s"] = time.perf_counter() - started
+        doc["machine"]["load_average_end"] = measure.load_average()
+        out.write_text(json.dumps(doc, indent=1, default=str))
+
+    if not args.no_kernels:
+        run_kernels(config, ceilings, rows=doc["rows"], on_case=save)
+        # Ceilings again at the end (load on a shared machine varies): the floor uses the best of both.
+        ceilings = _best_ceilings(ceilings, measure_ceilings(config), doc)
+        for row in doc["rows"]:
+            _update_floor(row, ceilings)
     editing = args.editing == "on" or (args.editing == "auto" and not config.quick)
     if editing:
         from bench import editing_throughput
 
         doc["editing"] = editing_throughput.run(
             device=device, model=args.editing_model, edits=args.editing_edits, quick=config.quick, log=print)
-    doc["wall_s"] = time.perf_counter() - started
-    doc["machine"]["load_average_end"] = measure.load_average()
-    doc["config"]["dtypes"] = list(config.dtypes)
-    if args.out and len(args.out) > 1:
-        raise ValueError("--out may be given once, except with --render")
-    out = Path(args.out[0]) if args.out else _default_out(config)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(doc, indent=1, default=str))
+    doc["complete"] = True
+    save()
     print(f"# wrote {out} ({doc['wall_s']:.0f} s)")
-    doc["path"] = str(out)
-    return doc
+    return dict(doc, path=str(out))
 
 
 def main(argv: list[str] | None = None) -> int:
