@@ -67,7 +67,7 @@ Problem batch_problem(const at::Tensor& W, const at::Tensor& out, const at::Tens
 
 // Column ranges handed to threads: enough ranges for every thread, of bounded X footprint.
 int64_t column_width(const at::Tensor& W, int64_t k) {
-  const int64_t b = W.size(0), m = W.size(2);
+  const int64_t b = std::max<int64_t>(1, W.size(0)), m = W.size(2);
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
   const int64_t per_batch = (threads + b - 1) / b;
   int64_t width = (m + per_batch - 1) / per_batch;

@@ -134,6 +134,16 @@ def test_gradcheck_through_native_ops_with_a_sliced_weight():
     )
 
 
+@pytest.mark.parametrize("b,n,m,k", [(0, 5, 4, 2), (1, 0, 4, 2), (1, 5, 0, 2), (1, 5, 4, 0)], ids=str)
+def test_empty_operands(b, n, m, k):
+    W, V = torch.randn(b, n, m), torch.randn(b, k, n)
+    T = torch.ops.mose.wy_factor(V)
+    out = torch.full_like(W, float("nan"))
+    X = torch.ops.mose.householder_fwd(W, V, T, False, out)
+    assert X.shape == (b, k, m) and torch.equal(X, torch.zeros_like(X))
+    assert torch.equal(out, W)  # Q = I when k = 0; nothing to write otherwise
+
+
 def test_auto_prefers_the_native_cpu_backend():
     assert mk.backends.resolve_backend("auto", torch.device("cpu"), torch.bfloat16).name == "cpu"
 
