@@ -49,7 +49,9 @@ def native_extensions():
     except ImportError:
         logger.warning("torch is not importable at build time: skipping the native extensions")
         return []
-    cxx = ["-O3", "-Wno-psabi"]  # psabi: 32-byte vectors passed between inlined helpers of the SSE2 build
+    # -g0: no debug info (halves the compile time of the torch-including files, measured 48 s -> 25 s);
+    # -Wno-psabi: 32-byte vectors passed between inlined helpers of the SSE2 build.
+    cxx = ["-O3", "-g0", "-Wno-psabi"]
     exts = [
         CppExtension(
             "mose_kernels._C",
