@@ -168,7 +168,8 @@ def _ormqr_estimate(case: Case, ceil: Ceilings) -> tuple[float, float]:
 def _sequential_estimate(case: Case, ceil: Ceilings) -> tuple[float, float]:
     mult = 1.0 if case.op == "fwd" else 3.0
     mem_mult = 2 if case.op == "fwd" else case.k + 2  # autograd keeps every intermediate Y
-    return mult * case.k * _stream(case, ceil, 4), mem_mult * case.n * case.m * case.elem
+    # 4 passes per reflector plus a fresh n x m result each time (page faults): ~4x the bare model
+    return mult * case.k * _stream(case, ceil, 16), mem_mult * case.n * case.m * case.elem
 
 
 def _dense_estimate(case: Case, ceil: Ceilings) -> tuple[float, float]:
