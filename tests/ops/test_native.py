@@ -25,16 +25,27 @@ DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 DTYPE_ID = {torch.float32: "fp32", torch.float64: "fp64", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
-def _canonical(b: int, n: int, m: int, k: int, dtype: torch.dtype, layout: str):
+DEVICES = [
+    pytest.param("cpu", id="cpu"),
+    pytest.param(
+        "cuda", id="cuda",
+        marks=pytest.mark.skipif("cuda" not in mk.available_backends(), reason="no CUDA device or _C_cuda"),
+    ),
+]
+
+
+def _canonical(b: int, n: int, m: int, k: int, dtype: torch.dtype, layout: str, device: str = "cpu"):
     """Canonical operands (W (b, n, m) in ``layout``, V, T) as the autograd wrapper passes them."""
+    if device == "cuda" and dtype == torch.float64:
+        pytest.skip("the CUDA kernels support float32, float16 and bfloat16 W")
     acc = compute_dtype(dtype)
     if layout == "rows":
-        W = make_weight(n, m, batch=(b,), dtype=dtype)
+        W = make_weight(n, m, batch=(b,), dtype=dtype, device=device)
     elif layout == "columns":  # the right side of a row-major weight
-        W = make_weight(m, n, batch=(b,), dtype=dtype).transpose(1, 2)
+        W = make_weight(m, n, batch=(b,), dtype=dtype, device=device).transpose(1, 2)
     else:  # every stride > 1
-        W = make_weight(2 * n, 3 * m, batch=(b,), dtype=dtype)[:, ::2, ::3]
-    V = make_vectors(k, n, batch=(b,), dtype=acc)
+        W = make_weight(2 * n, 3 * m, batch=(b,), dtype=dtype, device=device)[:, ::2, ::3]
+    V = make_vectors(k, n, batch=(b,), dtype=acc, device=device)
     return W, V, torch.ops.mose.wy_factor(V)
 
 
@@ -46,23 +57,26 @@ OPCHECK_CASES = [
 ]
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("b,n,m,k,dtype,layout", OPCHECK_CASES)
-def test_opcheck_every_op(b, n, m, k, dtype, layout):
-    W, V, T = _canonical(b, n, m, k, dtype, layout)
+def test_opcheck_every_op(b, n, m, k, dtype, layout, device):
+    W, V, T = _canonical(b, n, m, k, dtype, layout, device)
     opcheck(torch.ops.mose.wy_factor.default, (V,))
     out = torch.empty_like(W)
     opcheck(torch.ops.mose.householder_fwd.default, (W, V, T, True, out))
     opcheck(torch.ops.mose.householder_fwd_.default, (W.clone(), V, T, False))
     opcheck(torch.ops.mose.project.default, (V, W))
-    P = torch.randn(b, k, m, dtype=V.dtype)
+    P = torch.randn(b, k, m, dtype=V.dtype, device=device)
     opcheck(torch.ops.mose.reflect_update.default, (W, V, P, torch.empty_like(W)))
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("layout", ["rows", "columns", "strided"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_ID.get)
 @pytest.mark.parametrize("transpose", [False, True])
-def test_forward_op_matches_reference_backend_in_and_out_of_place(layout, dtype, transpose):
-    W, V, T = _canonical(2, 67, 45, 17, dtype, layout)
+@pytest.mark.parametrize("k", [3, 17, 70])  # 17 and 70: tensor cores for half W on CUDA
+def test_forward_op_matches_reference_backend_in_and_out_of_place(layout, dtype, transpose, k, device):
+    W, V, T = _canonical(2, 67, 45, k, dtype, layout, device)
     ref = mk.backends.get_backend("reference")
     want = torch.empty_like(W)
     X_ref = ref.forward(W, V, T, transpose, want)
