@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from mose_kernels.backends import Backend
+from mose_kernels.ops.householder.wy_torch import small_backward_terms
 
 logger = logging.getLogger(__name__)
 
@@ -84,22 +85,17 @@ def backward(
     need_dV: bool,
 ) -> tuple[Tensor | None, Tensor | None]:
     """Analytic backward of ``Y = W - V^T A X`` (``A = T`` or ``T^T``), see MOSE_NOTES.md section 2."""
-    A = T.transpose(-1, -2) if transpose else T
     Z = torch.ops.mose.project(V, dY)  # V dY, (b, k, m)
-    AtZ = (A.transpose(-1, -2) @ Z).contiguous()
+    P, R, C = small_backward_terms(T, X, Z, transpose)
     dW = None
     if need_dW:
         dW = torch.empty(dY.shape, dtype=W.dtype, device=W.device)
-        torch.ops.mose.reflect_update(dY, V, AtZ, dW)
+        torch.ops.mose.reflect_update(dY, V, R, dW)
     dV = None
     if need_dV:
-        P = (A @ X).contiguous()
-        M = X @ Z.transpose(-1, -2) if transpose else Z @ X.transpose(-1, -2)  # -dL/dT
-        dS = T.transpose(-1, -2) @ M @ T.transpose(-1, -2)
-        dG = torch.triu(dS, diagonal=1) + torch.diag_embed(0.5 * torch.diagonal(dS, dim1=-2, dim2=-1))
-        dV = (dG + dG.transpose(-1, -2)) @ V
+        dV = C @ V
         dV = dV - torch.ops.mose.project(P, dY.transpose(-1, -2))
-        dV = dV - torch.ops.mose.project(AtZ, W.transpose(-1, -2))
+        dV = dV - torch.ops.mose.project(R, W.transpose(-1, -2))
     return dW, dV
 
 

@@ -63,6 +63,23 @@ def forward(W: Tensor, V: Tensor, T: Tensor, transpose: bool, out: Tensor) -> Te
     return X
 
 
+def small_backward_terms(T: Tensor, X: Tensor, Z: Tensor, transpose: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """The ``k x k`` / ``k x m`` part of the backward of ``Y = W - V^T A X`` (``A = T`` or ``T^T``).
+
+    With ``Z = V dY`` returns ``P = A X``, ``R = A^T Z`` and ``C = dG + dG^T``, so that
+    ``dW = dY - V^T R`` and ``dV = C V - P dY^T - R W^T`` (derivation in README.md). Shared by
+    every backend; only the ``n``-sized products differ between them.
+    """
+    A = T.transpose(-1, -2) if transpose else T
+    P = A @ X
+    R = A.transpose(-1, -2) @ Z
+    M = X @ Z.transpose(-1, -2) if transpose else Z @ X.transpose(-1, -2)  # -dL/dT
+    Tt = T.transpose(-1, -2)
+    dS = Tt @ M @ Tt
+    dG = torch.triu(dS, diagonal=1) + torch.diag_embed(0.5 * torch.diagonal(dS, dim1=-2, dim2=-1))
+    return P.contiguous(), R.contiguous(), (dG + dG.transpose(-1, -2)).contiguous()
+
+
 def backward(
     dY: Tensor,
     W: Tensor,
@@ -73,21 +90,16 @@ def backward(
     need_dW: bool,
     need_dV: bool,
 ) -> tuple[Tensor | None, Tensor | None]:
-    A = T.transpose(-1, -2) if transpose else T  # Y = W - V^T A X
     Z = _project(V, dY)  # V dY, (b, k, m)
-    AtZ = A.transpose(-1, -2) @ Z
+    P, R, C = small_backward_terms(T, X, Z, transpose)
     dW = None
     if need_dW:
         dW = torch.empty(dY.shape, dtype=W.dtype, device=W.device)
-        _subtract_update(dY, V, AtZ, dW)
+        _subtract_update(dY, V, R, dW)
     dV = None
     if need_dV:
-        P = A @ X
-        M = X @ Z.transpose(-1, -2) if transpose else Z @ X.transpose(-1, -2)  # -dL/dT
-        dS = T.transpose(-1, -2) @ M @ T.transpose(-1, -2)
-        dG = torch.triu(dS, diagonal=1) + torch.diag_embed(0.5 * torch.diagonal(dS, dim1=-2, dim2=-1))
-        dV = (dG + dG.transpose(-1, -2)) @ V
-        dV -= _project(P, dY.transpose(-1, -2)) + _project(AtZ, W.transpose(-1, -2))
+        dV = C @ V
+        dV -= _project(P, dY.transpose(-1, -2)) + _project(R, W.transpose(-1, -2))
     return dW, dV
 
 

@@ -36,6 +36,7 @@ from mose_kernels.ops.householder.triton_common import MAX_FUSED_BK, sm_count
 from mose_kernels.ops.householder.triton_factor import wy_factor
 from mose_kernels.ops.householder.triton_project import project
 from mose_kernels.ops.householder.triton_update import update
+from mose_kernels.ops.householder.wy_torch import small_backward_terms
 
 logger = logging.getLogger(__name__)
 
@@ -94,14 +95,7 @@ def backward(
     dW_in_dV_pass = dW is not None and V.shape[1] <= MAX_FUSED_BK
     # Z = V dY; for k > 128 the forward on dY writes dW = Q^T dY on the way.
     Z = project(V, dY) if dW is None or dW_in_dV_pass else forward(dY, V, T, not transpose, dW, fused=fused)
-    A = _reflector_matrix(T, transpose)
-    P = A @ X
-    R = A.transpose(-1, -2) @ Z
-    M = X @ Z.transpose(-1, -2) if transpose else Z @ X.transpose(-1, -2)  # -dL/dT
-    Tt = T.transpose(-1, -2)
-    dS = Tt @ M @ Tt
-    dG = torch.triu(dS, diagonal=1) + torch.diag_embed(0.5 * torch.diagonal(dS, dim1=-2, dim2=-1))
-    C = (dG + dG.transpose(-1, -2)).contiguous()
+    P, R, C = small_backward_terms(T, X, Z, transpose)
     dV = wy_apply_bwd(dY, W, V, C, P, R, dW if dW_in_dV_pass else None)
     return dW, dV
 
