@@ -99,6 +99,12 @@ def backward(
     return dW, dV
 
 
+# The CPU kernel is register-tiled for few reflections; from k = 64 the BLAS GEMMs of the reference
+# backend win (bench/results/cpu-kernels.json, LLaMA-3-8B fp32, 1 thread: k = 16 1.43 s vs 1.49 s,
+# k = 64 5.9 s vs 1.5 s out of place), so backend="auto" uses it up to k = 32 only.
+_CPU_AUTO_MAX_K = 32
+
+
 def _make_backend(device_type: str, dtypes: frozenset[torch.dtype]) -> Backend:
     return Backend(
         name=device_type,
@@ -107,6 +113,7 @@ def _make_backend(device_type: str, dtypes: frozenset[torch.dtype]) -> Backend:
         factor=factor,
         forward=forward,
         backward=backward,
+        auto_max_k=_CPU_AUTO_MAX_K if device_type == "cpu" else None,
     )
 
 

@@ -43,6 +43,8 @@ class Backend:
     factor: Callable[[Tensor], Tensor]
     forward: Callable[[Tensor, Tensor, Tensor, bool, Tensor], Tensor]
     backward: Callable[..., tuple[Tensor | None, Tensor | None]]
+    # backend="auto" passes over this backend for more reflections than this (None: no limit).
+    auto_max_k: int | None = None
 
     def supports(self, device: torch.device, dtype: torch.dtype) -> bool:
         return device.type in self.devices and dtype in self.dtypes
@@ -97,8 +99,9 @@ def available_backends() -> list[str]:
     return [name for name in BACKEND_NAMES if get_backend(name) is not None]
 
 
-def resolve_backend(name: str, device: torch.device, dtype: torch.dtype) -> Backend:
-    """Resolve ``name`` (or ``"auto"``) to a backend that supports ``device`` and ``dtype``.
+def resolve_backend(name: str, device: torch.device, dtype: torch.dtype, k: int = 0) -> Backend:
+    """Resolve ``name`` (or ``"auto"``) to a backend that supports ``device`` and ``dtype``
+    (and, for ``"auto"``, is among the fastest for ``k`` reflections).
 
     ``MOSE_BACKEND`` in the environment overrides ``"auto"`` (useful to pin benchmarks and tests).
     """
@@ -107,7 +110,9 @@ def resolve_backend(name: str, device: torch.device, dtype: torch.dtype) -> Back
     if name == "auto":
         for candidate in _AUTO_ORDER.get(device.type, ("reference",)):
             backend = get_backend(candidate)
-            if backend is not None and backend.supports(device, dtype):
+            if backend is None or not backend.supports(device, dtype):
+                continue
+            if backend.auto_max_k is None or k <= backend.auto_max_k:
                 return backend
         raise ValueError(f"no backend supports W on device {device} with dtype {dtype}")
     backend = get_backend(name)

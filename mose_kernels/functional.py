@@ -150,7 +150,7 @@ def householder_apply(
         True
     """
     _check_apply_args(W, V, side, transpose)
-    chosen = resolve_backend(backend, W.device, W.dtype)
+    chosen = resolve_backend(backend, W.device, W.dtype, V.shape[-2])
     if V.shape[-2] == 0 or W.numel() == 0:
         return W.clone()
     return _autograd.apply(W, V, side, transpose, chosen)
@@ -172,7 +172,7 @@ def householder_apply_(
             "householder_apply_ is not differentiable and W or V requires grad; use "
             "householder_apply for autograd, or call this under torch.no_grad()"
         )
-    chosen = resolve_backend(backend, W.device, W.dtype)
+    chosen = resolve_backend(backend, W.device, W.dtype, V.shape[-2])
     if V.shape[-2] == 0 or W.numel() == 0:
         return W
     _autograd.apply_inplace(W, V, side, transpose, chosen)

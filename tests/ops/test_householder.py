@@ -298,3 +298,14 @@ def test_torch_compile_fullgraph_forward_and_backward(backend):
     (mk.householder_apply(We, Ve, transpose=True, backend=backend) * W).sum().backward()
     assert_close("dV", Ve.grad, Vg.grad, 1e-6)
     assert_close("dW", We.grad, Wg.grad, 1e-6)
+
+
+def test_auto_backend_passes_over_backends_beyond_their_k_limit():
+    from mose_kernels.backends import resolve_backend
+
+    cpu = torch.device("cpu")
+    for name in BACKENDS:
+        limit = mk.backends.get_backend(name).auto_max_k
+        if limit is not None:
+            assert resolve_backend("auto", cpu, torch.float32, limit + 1).name != name
+    assert resolve_backend("auto", cpu, torch.float32, 10**6).name == "reference"
