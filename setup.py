@@ -101,7 +101,7 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=find_packages(include=["mose_kernels", "mose_kernels.*"]),
-    package_data={"mose_kernels": ["data/*.json", "data/*.txt", "editing/presets/*.json"]},
+    package_data={"mose_kernels": ["data/*.json", "data/*.txt"], "mose_kernels.editing": ["presets/*.json"]},
     install_requires=[
         "torch>=2.4",
         "triton>=3.8",
