@@ -251,6 +251,33 @@ def cmd_edit(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_merge(args: argparse.Namespace) -> int:
+    """One report from several ``mose eval`` runs of the same study (e.g. one process per method)."""
+    from mose_kernels.evaluation.report import merge_studies, write_report
+
+    studies = []
+    for folder in args.runs:
+        path = _existing_file(str(Path(folder) / "metrics.json"), "metrics.json of a `mose eval` run")
+        try:
+            studies.append(json.loads(path.read_text()))
+        except json.JSONDecodeError as exc:
+            raise CliError(f"{path} is not valid JSON: {exc}") from exc
+    study = merge_studies(studies, names=args.runs)
+    header = {"command": f"`{args.command_line}`", "model": studies[0]["header"].get("model", "?"),
+              "requests": studies[0]["header"].get("requests", "?"),
+              "methods": ", ".join(study["methods"])}
+    for folder, s in zip(args.runs, studies, strict=True):
+        h = s.get("header", {})
+        header[f"run {folder}"] = (f"{h.get('command', '?')} ({h.get('machine', '?')}, {h.get('date', '?')}, "
+                                   f"wall time {h.get('wall time', '?')})")
+    name = Path(header["requests"]).name
+    paths = write_report(study, args.out, title=f"MOSE sequential editing: {study['num_requests']} edits of {name}",
+                         header=header)
+    _print_summary(study)
+    _print_paths(paths)
+    return 0
+
+
 def _load_journal(path: str):
     from mose_kernels.editing.journal import EditJournal
 
@@ -337,6 +364,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--generations", type=int, default=5, help="greedy generations shown (fluency prompts)")
     p.add_argument("--out", required=True, help="report folder")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("merge", help="one report from several `mose eval` runs of the same study")
+    p.add_argument("runs", nargs="+", help="report folders of `mose eval` runs (same requests and settings)")
+    p.add_argument("--out", required=True, help="report folder of the merged study")
+    p.set_defaults(func=cmd_merge, threads=None)
 
     p = sub.add_parser("edit", help="edit a model with MOSE; save the edited model and the journal")
     _add_common(p, model_default=None)

@@ -95,3 +95,40 @@ def test_user_errors_are_one_line_with_status_2(tiny_dir, tmp_path, capsys, argv
     lines = [line for line in stderr.splitlines() if line.startswith("mose:")]
     assert len(lines) == 1 and message in lines[0]
     assert "Traceback" not in stderr
+
+
+def test_eval_runs_merge_into_one_report(tiny_dir, tmp_path, capsys):
+    requests = tmp_path / "requests.json"
+    requests.write_text(json.dumps([
+        {"prompt": "The capital of France is", "subject": "France", "target_new": "Rome", "ground_truth": "Paris",
+         "rephrase_prompt": "France's capital city is", "locality_prompt": "Bees make",
+         "locality_ground_truth": "honey"},
+        {"prompt": "Bees make", "subject": "Bees", "target_new": "wax", "ground_truth": "honey"},
+    ]))
+    common = ["eval", "--model", tiny_dir, "--requests", requests, "--steps", 3, "--layers", "1,2",
+              "--curve-points", 2, "--generations", 1, "--no-progress"]
+    for method in ("mose", "ft"):
+        assert _run([*common, "--methods", method, "--out", tmp_path / method], capsys)[0] == 0
+    status, stdout, _ = _run(["merge", tmp_path / "mose", tmp_path / "ft", "--out", tmp_path / "both"], capsys)
+    assert status == 0 and "FT-M" in stdout and "MOSE" in stdout
+    merged = json.loads((tmp_path / "both" / "metrics.json").read_text())
+    assert list(merged["methods"]) == ["mose", "ft"]
+    for method in ("mose", "ft"):
+        alone = json.loads((tmp_path / method / "metrics.json").read_text())
+        assert merged["methods"][method] == alone["methods"][method]
+    report = (tmp_path / "both" / "report.md").read_text()
+    assert "MOSE (multiplicative)" in report and "FT-M (additive)" in report
+    assert "mose eval" in report  # each run's command is kept
+    for name in PLOTS:
+        assert (tmp_path / "both" / name).read_bytes()[:8] == PNG_MAGIC
+    assert not list((tmp_path / "both").glob(".*.tmp"))  # atomic writes leave no temp files
+
+    # a run of a different study (other layers) or the same method twice is refused in one line
+    assert _run([*common[:-7], "--layers", "1", "--curve-points", 2, "--generations", 1, "--no-progress",
+                 "--methods", "ft", "--out", tmp_path / "other"], capsys)[0] == 0
+    status, _, stderr = _run(["merge", tmp_path / "mose", tmp_path / "other", "--out", tmp_path / "x"], capsys)
+    assert status == 2 and "MOSE settings differ" in stderr
+    status, _, stderr = _run(["merge", tmp_path / "ft", tmp_path / "ft", "--out", tmp_path / "x"], capsys)
+    assert status == 2 and "appears twice" in stderr
+    status, _, stderr = _run(["merge", tmp_path / "ft", tmp_path / "nowhere", "--out", tmp_path / "x"], capsys)
+    assert status == 2 and "not found" in stderr

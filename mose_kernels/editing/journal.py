@@ -8,8 +8,6 @@ reproduces the edited weights, and any edit can be undone exactly (``Q^{-1} = Q^
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from mose_kernels._files import atomic_write
 from mose_kernels.editing.adapters import find_edit_targets, rotate_weight_
 from mose_kernels.editing.requests import EditRequest
 
@@ -65,18 +64,6 @@ class JournalEntry:
         }
 
 
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 class EditJournal:
     """Ordered list of :class:`JournalEntry` plus the keep-subspace state of each edited module."""
 
@@ -116,8 +103,8 @@ class EditJournal:
                 tensors[f"keep.{key}.{name}"] = value.detach().cpu().contiguous()
         index = {"format_version": FORMAT_VERSION, "config": self.config, "entries": [e.meta() for e in self.entries],
                  "keep_modules": sorted(self.keep_state)}
-        _atomic_write(folder / TENSOR_FILE, lambda tmp: save_file(tensors, tmp))
-        _atomic_write(folder / INDEX_FILE, lambda tmp: Path(tmp).write_text(json.dumps(index, indent=1)))
+        atomic_write(folder / TENSOR_FILE, lambda tmp: save_file(tensors, tmp))
+        atomic_write(folder / INDEX_FILE, lambda tmp: Path(tmp).write_text(json.dumps(index, indent=1)))
         return folder
 
     @classmethod

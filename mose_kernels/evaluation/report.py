@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,8 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+
+from mose_kernels._files import atomic_write, atomic_write_text
 
 PROTOCOL_TEXT = {
     "after_each": "after-each: request i is scored right after edit i (did the edit take when it was made)",
@@ -92,7 +95,7 @@ def _plot_curves(study: dict[str, Any], path: Path, panels: list[tuple[str, str,
     axes[0, 0].legend(fontsize=8)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)
 
 
@@ -202,7 +205,7 @@ def render_markdown(study: dict[str, Any], *, title: str, header: dict[str, str]
 
 def write_report(study: dict[str, Any], out: str | Path, *, title: str = "MOSE sequential editing report",
                  header: dict[str, str] | None = None) -> dict[str, Path]:
-    """Write ``report.md``, ``metrics.json`` and the plots into ``out`` (created if needed).
+    """Write ``report.md``, ``metrics.json`` and the plots into ``out`` (created if needed), each atomically.
 
     Returns:
         ``{"report": ..., "metrics": ..., "plots": [...]}`` paths.
@@ -211,8 +214,50 @@ def write_report(study: dict[str, Any], out: str | Path, *, title: str = "MOSE s
     out.mkdir(parents=True, exist_ok=True)
     header = dict(header or {})
     metrics_path = out / "metrics.json"
-    metrics_path.write_text(json.dumps(_clean({"header": header, **study}), indent=1, allow_nan=False))
+    atomic_write_text(metrics_path, json.dumps(_clean({"header": header, **study}), indent=1, allow_nan=False))
     plots = write_plots(study, out) if any("curve" in r for r in study["methods"].values()) else []
     report_path = out / "report.md"
-    report_path.write_text(render_markdown(study, title=title, header=header))
+    atomic_write_text(report_path, render_markdown(study, title=title, header=header))
     return {"report": report_path, "metrics": metrics_path, "plots": plots}
+
+
+def merge_studies(studies: Sequence[dict[str, Any]], names: Sequence[str] | None = None) -> dict[str, Any]:
+    """One study from several runs of the same study with different methods (e.g. one process per
+    method, run side by side): the ``methods`` are combined, everything else must agree.
+
+    Args:
+        studies: ``metrics.json`` contents written by :func:`write_report`.
+        names: a label per study for error messages (default ``study 0``, ``study 1``, ...).
+
+    Raises:
+        ValueError: if the studies differ in the requests, the protocols, the MOSE settings or the
+            base model's reference numbers, or if a method appears twice.
+    """
+    names = list(names) if names is not None else [f"study {i}" for i in range(len(studies))]
+    if len(studies) < 2:
+        raise ValueError(f"merging needs at least two studies, got {len(studies)}")
+    if len(names) != len(studies):
+        raise ValueError(f"got {len(names)} names for {len(studies)} studies")
+    first = studies[0]
+    must_agree = {
+        "num_requests": lambda s: s.get("num_requests"),
+        "protocols": lambda s: s.get("protocols"),
+        "MOSE settings": lambda s: s.get("config"),
+        "request file": lambda s: s.get("header", {}).get("requests"),
+        "model": lambda s: s.get("header", {}).get("model"),
+        "base model perplexity": lambda s: s.get("reference", {}).get("perplexity"),
+        "base weights": lambda s: s.get("reference", {}).get("stability"),
+    }
+    for name, study in zip(names[1:], studies[1:], strict=True):
+        for what, get in must_agree.items():
+            if get(study) != get(first):
+                raise ValueError(f"cannot merge {name} with {names[0]}: {what} differ "
+                                 f"({get(study)!r} vs {get(first)!r})")
+    merged = {k: v for k, v in first.items() if k not in ("header", "methods")}
+    merged["methods"] = {}
+    for name, study in zip(names, studies, strict=True):
+        for method, run in study["methods"].items():
+            if method in merged["methods"]:
+                raise ValueError(f"cannot merge: method {method!r} appears twice (again in {name})")
+            merged["methods"][method] = run
+    return merged
