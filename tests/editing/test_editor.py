@@ -206,6 +206,33 @@ def test_reflections_of_orthogonal_matrix():
         procrustes.rotation_vectors(a[:1], b[:1], keep, None, 0.0, "input")
 
 
+@pytest.mark.parametrize("side", ["input", "output"])
+def test_procrustes_target_moves_only_outside_the_keep_subspace(model, tokenizer, side):
+    """The searched target differs from the key only outside the keep subspace, at the same norm,
+    so the committed rotation (which fixes the keep subspace) maps the key onto it exactly."""
+    from mose_kernels.editing.keep import KeepSubspace
+
+    editor = MoseEditor(model, tokenizer, _config("procrustes", side))
+    request = replace(NEW_FACTS[0], subject=NEW_FACTS[0].prompt)
+    n = editor.targets[0].dim(side)
+    keep = {t.name: KeepSubspace.empty(n, capacity=1.0).add(torch.randn(n // 2, n, generator=torch.Generator()
+                                                                         .manual_seed(i)))
+            for i, t in enumerate(editor.targets)}
+    batch = TargetBatch.build(tokenizer, request, [], "cpu")
+    config = EditConfig(**_config("procrustes", side))
+    base, goal, _, _, _ = procrustes._search_targets(model, editor.targets, batch, config, keep)
+    for t in editor.targets:
+        a, b, B = base[t.name].double(), goal[t.name].double(), keep[t.name].basis
+        assert (b - a).norm() > 1e-3 * a.norm()  # the search moved it
+        torch.testing.assert_close((b - a) @ B, torch.zeros(1, B.shape[1], dtype=torch.float64), rtol=0,
+                                   atol=1e-5 * float(a.norm()))
+        torch.testing.assert_close(b.norm(), a.norm(), rtol=1e-5, atol=0)
+        V = procrustes.rotation_vectors(a, b, keep[t.name], None, 0.0, side)
+        Q = householder_matrix(V)
+        rotated = (Q.T if side == "input" else Q) @ a[0]
+        torch.testing.assert_close(rotated, b[0], rtol=0, atol=1e-4 * float(a.norm()))
+
+
 def test_kl_prefixes_and_subject_positions(model, tokenizer):
     config = _config(kl_weight=1.0, neighbour_prompts=["The capital of Italy is", "Apple was founded by"],
                      context_prefixes=["Michel Rocard is a native speaker of French."], edit_positions="subject")

@@ -2,11 +2,12 @@
 
 Per edited layer let ``a`` be the vector the rotation acts on at the subject's last token (the
 projection's input on the input side, its bias-free output on the output side) and ``t`` a target
-of the same norm, found ROME-style: a shared offset of ``a`` (renormalised, since a rotation cannot
-change norms) is optimised so that the target tokens become likely, over the prompt and its
-context-prefixed copies. The rotation ``M`` (``M a`` replaces ``a``) maximises
-``sum_i t_i . M a_i + lam * tr(M^T C)`` with ``C`` the second moment of the same vectors over a
-sample corpus, restricted to ``U = orth(P_perp [a_i, t_i])`` (``P`` the keep subspace):
+of the same norm, found ROME-style: a shared offset is optimised so that the target tokens become
+likely, over the prompt and its context-prefixed copies. The offset moves only ``a``'s component
+outside the keep subspace ``P``, at constant norm (``t = P a + |a_perp| (a_perp + d) / |a_perp + d|``,
+``d`` orthogonal to ``P``), so a rotation that fixes ``P`` can reach ``t`` exactly. The rotation
+``M`` (``M a`` replaces ``a``) maximises ``sum_i t_i . M a_i + lam * tr(M^T C)`` with ``C`` the
+second moment of the same vectors over a sample corpus, restricted to ``U = orth(P_perp [a_i, t_i])``:
 ``M = I - U (I - M_s) U^T`` with ``M_s = polar(sum_i b_i a_i^T + lam U^T C U)`` (``r x r``). ``M_s``
 is then factored into at most ``2 r`` reflections by Householder QR, embedded as ``v = U h``.
 """
@@ -71,8 +72,10 @@ def _last_subject_positions(batch: TargetBatch) -> Tensor:
     return torch.where(batch.subject_mask, idx, torch.full_like(idx, -1)).max(dim=1).values
 
 
-def _search_targets(model, targets, batch, config) -> tuple[dict[str, Tensor], dict[str, Tensor], int, float, bool]:
-    """ROME-style target search: per layer, a shared offset at the subject's last token."""
+def _search_targets(model, targets, batch, config, keep: Mapping[str, KeepSubspace]
+                    ) -> tuple[dict[str, Tensor], dict[str, Tensor], int, float, bool]:
+    """ROME-style target search: per layer, a shared offset at the subject's last token, moving only
+    the vector's component outside the layer's keep subspace (at constant norm)."""
     side = config.side
     rows = torch.arange(batch.input_ids.shape[0], device=batch.input_ids.device)
     pos = _last_subject_positions(batch)
@@ -84,14 +87,24 @@ def _search_targets(model, targets, batch, config) -> tuple[dict[str, Tensor], d
         vec = x if side == "input" else (y - t.bias if t.bias is not None else y)
         base[t.name] = vec[rows, pos].float()
     deltas = {t.name: torch.zeros(t.dim(side), device=t.weight.device, requires_grad=True) for t in targets}
+    bases = {}
+    for t in targets:
+        basis = keep[t.name].basis if t.name in keep else None
+        bases[t.name] = None if basis is None or basis.shape[1] == 0 else basis.float().to(t.weight.device)
+
+    def outside(name: str, x: Tensor) -> Tensor:
+        B = bases[name]
+        return x if B is None else x - (x @ B.to(x.dtype)) @ B.T.to(x.dtype)
+
+    def moved(name: str, a: Tensor, delta: Tensor) -> Tensor:
+        free = outside(name, a)
+        scale = free.norm(dim=-1, keepdim=True)
+        turned = free + outside(name, delta.to(a.dtype)) * a.norm(dim=-1, keepdim=True) / a.shape[-1] ** 0.5
+        return a - free + turned * scale / turned.norm(dim=-1, keepdim=True).clamp_min(1e-30)
 
     def shift(name: str, vec: Tensor) -> Tensor:
-        a = vec[rows, pos]
-        scale = a.norm(dim=-1, keepdim=True)
-        moved = a + deltas[name].to(a.dtype) * scale / a.shape[-1] ** 0.5
-        moved = moved * scale / moved.norm(dim=-1, keepdim=True)
         out = vec.clone()
-        out[rows, pos] = moved
+        out[rows, pos] = moved(name, vec[rows, pos], deltas[name])
         return out
 
     handles = []
@@ -121,12 +134,7 @@ def _search_targets(model, targets, batch, config) -> tuple[dict[str, Tensor], d
         for h in handles:
             h.remove()
     with torch.no_grad():
-        goal = {}
-        for t in targets:
-            a = base[t.name]
-            scale = a.norm(dim=-1, keepdim=True)
-            moved = a + deltas[t.name].detach() * scale / a.shape[-1] ** 0.5
-            goal[t.name] = moved * scale / moved.norm(dim=-1, keepdim=True)
+        goal = {t.name: moved(t.name, base[t.name], deltas[t.name].detach()) for t in targets}
     return base, goal, step, loss_value, success
 
 
@@ -164,7 +172,7 @@ def solve(
 ) -> SolveResult:
     """Closed-form edit of one request (the model is left unchanged)."""
     batch = TargetBatch.build(tokenizer, request, config.context_prefixes, model_device(model))
-    base, goal, steps, loss, success = _search_targets(model, targets, batch, config)
+    base, goal, steps, loss, success = _search_targets(model, targets, batch, config, keep)
     raw = {}
     for t in targets:
         V = rotation_vectors(base[t.name], goal[t.name], keep.get(t.name),
