@@ -41,6 +41,9 @@ class EditConfig:
             least-energetic edit directions are dropped (compression).
         procrustes_lambda: weight of the corpus-preservation term of the closed form.
         value_steps, value_lr: ROME-style search of the target value (procrustes solver).
+        isolate_subject: procrustes solver: also keep the rotation off the edit prompt's other
+            positions (prompt, target and prefixed copies), so within the prompt it acts on the
+            subject's last token alone, where the target was searched.
         backend: kernel backend of the commit and of the solver's autograd.
         keep_fp32_master: half-precision models keep an fp32 copy of each edited weight.
         seed: seed of the vector initialisation.
@@ -66,6 +69,7 @@ class EditConfig:
     procrustes_lambda: float = 1.0
     value_steps: int = 25
     value_lr: float = 5e-1
+    isolate_subject: bool = False
     backend: str = "auto"
     keep_fp32_master: bool = True
     seed: int = 0

@@ -233,6 +233,33 @@ def test_procrustes_target_moves_only_outside_the_keep_subspace(model, tokenizer
         torch.testing.assert_close(rotated, b[0], rtol=0, atol=1e-4 * float(a.norm()))
 
 
+@pytest.mark.parametrize("side", ["input", "output"])
+def test_procrustes_isolated_edit_acts_on_the_subject_token_alone(model, tokenizer, side):
+    config = _config("procrustes", side, layers=[1], isolate_subject=True,
+                     context_prefixes=["Michel Rocard is a native speaker of French."])
+    editor = MoseEditor(model, tokenizer, config)
+    request = replace(NEW_FACTS[0], subject="The capital of France")
+    batch = TargetBatch.build(tokenizer, request, config["context_prefixes"], "cpu")
+    target = editor.targets[0]
+
+    def outputs():
+        with torch.no_grad(), capture_io([target]) as io:
+            model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+        return io[target.name][0][1]
+
+    before = outputs()
+    editor.edit(request)
+    after = outputs()
+    last = procrustes._last_subject_positions(batch)
+    rows = torch.arange(batch.input_ids.shape[0])
+    others = batch.attention_mask.bool().clone()
+    others[rows, last] = False
+    scale = before.norm(dim=-1).max()
+    assert (after[rows, last] - before[rows, last]).norm(dim=-1).min() > 1e-3 * scale
+    # keep_tol drops the weakest key directions, so the other positions move by at most ~keep_tol
+    assert (after[others] - before[others]).norm(dim=-1).max() < 1e-2 * scale
+
+
 def test_kl_prefixes_and_subject_positions(model, tokenizer):
     config = _config(kl_weight=1.0, neighbour_prompts=["The capital of Italy is", "Apple was founded by"],
                      context_prefixes=["Michel Rocard is a native speaker of French."], edit_positions="subject")

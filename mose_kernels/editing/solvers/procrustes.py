@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 
 import torch
 from torch import Tensor
@@ -161,6 +162,25 @@ def rotation_vectors(
     return reflections_of(Q) @ U.T
 
 
+def _with_other_positions(model, targets: Sequence[EditTarget], batch: TargetBatch,
+                          keep: Mapping[str, KeepSubspace], side: str, tol: float) -> dict[str, KeepSubspace]:
+    """``keep`` grown (for this edit only, with no capacity limit) by the vectors the rotation acts
+    on at every position of ``batch`` except each row's last subject token."""
+    rows = torch.arange(batch.input_ids.shape[0], device=batch.input_ids.device)
+    others = batch.attention_mask.bool().clone()
+    others[rows, _last_subject_positions(batch)] = False
+    with torch.no_grad(), capture_io(targets) as io:
+        model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+    grown = dict(keep)
+    for t in targets:
+        x, y = io[t.name][0]
+        vec = x if side == "input" else (y - t.bias if t.bias is not None else y)
+        n = t.dim(side)
+        base = keep[t.name] if t.name in keep else KeepSubspace.empty(n, capacity=1.0, tol=tol)
+        grown[t.name] = replace(base, max_dim=n).add(vec[others.to(vec.device)])
+    return grown
+
+
 def solve(
     model,
     tokenizer,
@@ -172,6 +192,8 @@ def solve(
 ) -> SolveResult:
     """Closed-form edit of one request (the model is left unchanged)."""
     batch = TargetBatch.build(tokenizer, request, config.context_prefixes, model_device(model))
+    if config.isolate_subject:
+        keep = _with_other_positions(model, targets, batch, keep, config.side, config.keep_tol)
     base, goal, steps, loss, success = _search_targets(model, targets, batch, config, keep)
     raw = {}
     for t in targets:
