@@ -48,3 +48,20 @@ def test_sequential_counterfact_edits_take_and_keep_the_spectrum(smollm2, shared
     for _ in requests:
         editor.undo()
     assert len(editor.journal) == 0
+
+
+@pytest.mark.slow
+def test_lever_study_script(smollm2, shared_data, tmp_path, monkeypatch, capsys):
+    """``bench/editing_levers.py`` (the harness of the issue notes' lever table) runs end to end."""
+    from bench import editing_levers
+
+    monkeypatch.setenv("MOSE_SHARED_DATA", str(shared_data))
+    out = tmp_path / "levers.jsonl"
+    config = json.dumps({"solver": "procrustes", "procrustes_lambda": 0.0, "layers": [5], "value_steps": 5})
+    assert editing_levers.main(["--n", "2", "--corpus-records", "2000:2010", "--config", config,
+                                "--out", str(out)]) == 0
+    summary = json.loads(out.read_text())
+    assert summary["n"] == 2 and summary["config"]["layers"] == [5]
+    assert all(0.0 <= x <= 1.0 for x in summary["right_after"] + summary["after_all"])
+    assert list(summary["stability"]) == ["model.layers.5.mlp.down_proj"]
+    assert summary["stability"]["model.layers.5.mlp.down_proj"]["max_sv_rel_change"] < 1e-5
