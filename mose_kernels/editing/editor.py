@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -260,7 +260,14 @@ class MoseEditor:
             if cfg.keep_edits:
                 keys = self._edit_keys(request)
                 extra["key_residual"] = {n: self._keep[n].residual_fraction(k) for n, k in keys.items()}
-                self._keep = {n: k.add(keys[n]) for n, k in self._keep.items()}
+                grown = {n: k.add(keys[n]) for n, k in self._keep.items()}
+                # The directions this edit added, when they are appended (no compression): undoing it
+                # as the last edit then releases them.
+                entry.metrics["keep_added"] = {
+                    n: [keep_before[n].edits.shape[1], g.edits.shape[1]] for n, g in grown.items()
+                    if torch.equal(g.edits[:, : keep_before[n].edits.shape[1]], keep_before[n].edits)
+                }
+                self._keep = grown
             extra["keep_dims"] = {n: k.dim for n, k in self._keep.items()}
             self.journal.keep_state = {n: k.state_dict() for n, k in self._keep.items()}
         except BaseException:
@@ -334,7 +341,9 @@ class MoseEditor:
         """Remove an edit (the last one by default) exactly up to rounding (``Q^{-1} = Q^T``).
 
         Later edits of the same modules are unwound, the edit dropped and the later ones re-applied.
-        The keep subspaces keep the undone edit's keys (conservative)."""
+        Undoing the last edit also releases the keep-subspace directions it added (unless a later
+        compression reordered them); an earlier edit's keys stay kept (conservative). All or
+        nothing: on any failure the weights, the journal and the keep subspaces are as before."""
         if not self.journal.entries:
             raise ValueError("nothing to undo: the journal is empty")
         pos = len(self.journal) - 1 if edit_id is None else self.journal.index(edit_id)
@@ -342,17 +351,43 @@ class MoseEditor:
         later = self.journal.entries[pos + 1 :]
         by_name = {t.name: t for t in self.targets}
         backend = self.config.backend
-        for name, V in entry.vectors.items():
-            t = by_name[name]
-            work = self._work_weight(t)
-            touching = [e for e in later if name in e.vectors]
-            for e in reversed(touching):
-                rotate_weight_(work, e.layouts[name], e.vectors[name], e.side, inverse=True, backend=backend)
-            rotate_weight_(work, entry.layouts[name], V, entry.side, inverse=True, backend=backend)
-            for e in touching:
-                rotate_weight_(work, e.layouts[name], e.vectors[name], e.side, backend=backend)
-            self._sync(t)
-        del self.journal.entries[pos]
+        snapshot = {name: by_name[name].weight.data.clone() for name in entry.vectors}
+        masters = {name: m.clone() for name, m in self._masters.items()}
+        keep_before, keep_state_before = self._keep, dict(self.journal.keep_state)
+        try:
+            for name, V in entry.vectors.items():
+                t = by_name[name]
+                work = self._work_weight(t)
+                touching = [e for e in later if name in e.vectors]
+                for e in reversed(touching):
+                    rotate_weight_(work, e.layouts[name], e.vectors[name], e.side, inverse=True, backend=backend)
+                rotate_weight_(work, entry.layouts[name], V, entry.side, inverse=True, backend=backend)
+                for e in touching:
+                    rotate_weight_(work, e.layouts[name], e.vectors[name], e.side, backend=backend)
+                self._sync(t)
+            if not later and entry.metrics.get("keep_added"):
+                self._release_keep(entry)
+            del self.journal.entries[pos]
+        except BaseException:
+            with torch.no_grad():
+                for name, w in snapshot.items():
+                    by_name[name].weight.data.copy_(w)
+            self._masters = masters
+            self._keep, self.journal.keep_state = keep_before, keep_state_before
+            raise
+
+    def _release_keep(self, entry: JournalEntry) -> None:
+        """Drop the keep directions ``entry`` appended, where they are still the last ones."""
+        if self._keep is None:
+            self._keep = self._init_keep()
+        added = entry.metrics.get("keep_added", {})
+        keep = dict(self._keep)
+        for name, (before, after) in added.items():
+            k = keep.get(name)
+            if k is not None and k.edits.shape[1] == after:
+                keep[name] = replace(k, edits=k.edits[:, :before].contiguous(), energy=k.energy[:before])
+        self._keep = keep
+        self.journal.keep_state = {n: k.state_dict() for n, k in keep.items()}
 
     def stability(self) -> dict[str, dict[str, float]]:
         """Per edited module: ``fro_norm``, ``cond``, ``max_sv_rel_change`` (largest change of any

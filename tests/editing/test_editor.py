@@ -110,6 +110,48 @@ def test_undo_and_replay(model, tokenizer, tmp_path):
         editor.undo()
 
 
+def test_undo_of_the_last_edit_releases_its_keep_directions(model, tokenizer, tmp_path):
+    editor = MoseEditor(model, tokenizer, _config(steps=5))
+    editor.edit(NEW_FACTS[0])
+    dims1 = {n: k.dim for n, k in editor._keep.items()}
+    editor.edit(NEW_FACTS[1])
+    assert all(editor._keep[n].dim > dims1[n] for n in dims1)
+    editor.undo()
+    assert {n: k.dim for n, k in editor._keep.items()} == dims1
+    assert {n: s["edits"].shape[1] for n, s in editor.journal.keep_state.items()} == {
+        n: k.edits.shape[1] for n, k in editor._keep.items()}
+    # from a saved journal too (the added counts are stored with the entry)
+    editor.edit(NEW_FACTS[1])
+    editor.journal.save(tmp_path / "j")
+    assert EditJournal.load(tmp_path / "j").entries[-1].metrics["keep_added"]
+    # undoing an earlier edit keeps its directions (later ones were orthogonalised against them)
+    dims2 = {n: k.dim for n, k in editor._keep.items()}
+    editor.undo(0)
+    assert {n: k.dim for n, k in editor._keep.items()} == dims2
+
+
+def test_failed_undo_changes_nothing(model, tokenizer, monkeypatch):
+    from mose_kernels.editing import editor as editor_module
+
+    editor = MoseEditor(model, tokenizer, _config(steps=5))
+    editor.edit(NEW_FACTS[:2])
+    w, entries, keep = _weights(editor), list(editor.journal.entries), editor._keep
+    real, calls = editor_module.rotate_weight_, []
+
+    def fail_late(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 4:  # after some layers were already unwound
+            raise RuntimeError("device lost")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(editor_module, "rotate_weight_", fail_late)
+    with pytest.raises(RuntimeError, match="device lost"):
+        editor.undo(0)
+    monkeypatch.undo()
+    assert editor.journal.entries == entries and editor._keep is keep
+    assert all(torch.equal(t.weight, w[t.name]) for t in editor.targets)
+
+
 def test_failed_edit_changes_nothing(model, tokenizer, monkeypatch):
     editor = MoseEditor(model, tokenizer, _config(steps=10))
     editor.edit(NEW_FACTS[0])
