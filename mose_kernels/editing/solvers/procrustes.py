@@ -73,20 +73,29 @@ def _last_subject_positions(batch: TargetBatch) -> Tensor:
     return torch.where(batch.subject_mask, idx, torch.full_like(idx, -1)).max(dim=1).values
 
 
-def _search_targets(model, targets, batch, config, keep: Mapping[str, KeepSubspace]
+def _rotated_vectors(model, targets: Sequence[EditTarget], batch: TargetBatch, side: str) -> dict[str, Tensor]:
+    """``(B, L, n)`` vectors each target's rotation acts on (inputs, or bias-free outputs), unedited model."""
+    with torch.no_grad(), capture_io(targets) as io:
+        model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+    out = {}
+    for t in targets:
+        x, y = io[t.name][0]
+        out[t.name] = x if side == "input" else (y - t.bias if t.bias is not None else y)
+    return out
+
+
+def _search_targets(model, targets, batch, config, keep: Mapping[str, KeepSubspace],
+                    vectors: Mapping[str, Tensor] | None = None
                     ) -> tuple[dict[str, Tensor], dict[str, Tensor], int, float, bool]:
     """ROME-style target search: per layer, a shared offset at the subject's last token, moving only
-    the vector's component outside the layer's keep subspace (at constant norm)."""
+    the vector's component outside the layer's keep subspace (at constant norm). ``vectors``:
+    :func:`_rotated_vectors` of ``batch`` if already computed."""
     side = config.side
     rows = torch.arange(batch.input_ids.shape[0], device=batch.input_ids.device)
     pos = _last_subject_positions(batch)
-    with torch.no_grad(), capture_io(targets) as io:
-        model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
-    base = {}
-    for t in targets:
-        x, y = io[t.name][0]
-        vec = x if side == "input" else (y - t.bias if t.bias is not None else y)
-        base[t.name] = vec[rows, pos].float()
+    if vectors is None:
+        vectors = _rotated_vectors(model, targets, batch, side)
+    base = {t.name: vectors[t.name][rows, pos].float() for t in targets}
     deltas = {t.name: torch.zeros(t.dim(side), device=t.weight.device, requires_grad=True) for t in targets}
     bases = {}
     for t in targets:
@@ -162,19 +171,16 @@ def rotation_vectors(
     return reflections_of(Q) @ U.T
 
 
-def _with_other_positions(model, targets: Sequence[EditTarget], batch: TargetBatch,
+def _with_other_positions(targets: Sequence[EditTarget], batch: TargetBatch, vectors: Mapping[str, Tensor],
                           keep: Mapping[str, KeepSubspace], side: str, tol: float) -> dict[str, KeepSubspace]:
-    """``keep`` grown (for this edit only, with no capacity limit) by the vectors the rotation acts
-    on at every position of ``batch`` except each row's last subject token."""
+    """``keep`` grown (for this edit only, with no capacity limit) by ``vectors`` (see
+    :func:`_rotated_vectors`) at every position of ``batch`` except each row's last subject token."""
     rows = torch.arange(batch.input_ids.shape[0], device=batch.input_ids.device)
     others = batch.attention_mask.bool().clone()
     others[rows, _last_subject_positions(batch)] = False
-    with torch.no_grad(), capture_io(targets) as io:
-        model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
     grown = dict(keep)
     for t in targets:
-        x, y = io[t.name][0]
-        vec = x if side == "input" else (y - t.bias if t.bias is not None else y)
+        vec = vectors[t.name]
         n = t.dim(side)
         base = keep[t.name] if t.name in keep else KeepSubspace.empty(n, capacity=1.0, tol=tol)
         grown[t.name] = replace(base, max_dim=n).add(vec[others.to(vec.device)])
@@ -192,9 +198,10 @@ def solve(
 ) -> SolveResult:
     """Closed-form edit of one request (the model is left unchanged)."""
     batch = TargetBatch.build(tokenizer, request, config.context_prefixes, model_device(model))
+    acts = _rotated_vectors(model, targets, batch, config.side)
     if config.isolate_subject:
-        keep = _with_other_positions(model, targets, batch, keep, config.side, config.keep_tol)
-    base, goal, steps, loss, success = _search_targets(model, targets, batch, config, keep)
+        keep = _with_other_positions(targets, batch, acts, keep, config.side, config.keep_tol)
+    base, goal, steps, loss, success = _search_targets(model, targets, batch, config, keep, acts)
     raw = {}
     for t in targets:
         V = rotation_vectors(base[t.name], goal[t.name], keep.get(t.name),
