@@ -38,7 +38,8 @@ class EditConfig:
         keep_corpus_dirs: number of principal directions of a sample corpus to protect.
         keep_corpus: texts of that corpus (``None``: sampled from the model itself).
         keep_capacity: fraction of the vector dimension the keep subspace may fill; above it the
-            least-energetic edit directions are dropped (compression).
+            edit directions are compressed to the top principal directions of all earlier edits'
+            keys (incremental PCA, see :mod:`mose_kernels.editing.keep`).
         procrustes_lambda: weight of the corpus-preservation term of the closed form.
         value_steps, value_lr: ROME-style search of the target value (procrustes solver).
         isolate_subject: procrustes solver: also keep the rotation off the edit prompt's other

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -29,7 +29,6 @@ from mose_kernels.editing.tokens import batch_prompts, encode_prompt_target, pad
 logger = logging.getLogger(__name__)
 
 _HALF = (torch.float16, torch.bfloat16)
-_SOLVERS = {"gradient": gradient.solve, "procrustes": procrustes.solve}
 
 
 @dataclass
@@ -41,7 +40,7 @@ class EditResult:
         request: the request.
         success: every target token was the argmax when the solver stopped.
         steps: optimisation steps taken; ``final_loss``: mean target NLL at the end.
-        seconds: wall time of solve + commit.
+        seconds: wall time of solve + commit (a batch's time divided by its size).
         layers: names of the edited modules.
         extra: diagnostics (keep-subspace dimensions, the fraction of the edit's keys left
             outside the keep subspace, solver details).
@@ -144,7 +143,6 @@ class MoseEditor:
         self._keep: dict[str, KeepSubspace] | None = None
         self._corpus_acts: dict[str, Tensor] | None = None
         self.results: list[EditResult] = []
-        self._solve = _SOLVERS[self.config.solver]
 
     # ------------------------------------------------------------------ weights
     def _work_weight(self, t: EditTarget) -> Tensor:
@@ -223,14 +221,19 @@ class MoseEditor:
                         cfg.keep_corpus_dirs, len(texts))
         return keep
 
-    def _edit_keys(self, request: EditRequest) -> dict[str, Tensor]:
-        enc = encode_prompt_target(self.tokenizer, request.prompt, request.target_new)
-        ids = enc.input_ids.unsqueeze(0).to(model_device(self.model))
-        return self._activations([(ids, torch.ones_like(ids))])
+    def _edit_keys(self, requests: Sequence[EditRequest]) -> dict[str, Tensor]:
+        """The vectors ``requests`` wrote through (every position of prompt + target), per module."""
+        device = model_device(self.model)
+        batches = []
+        for r in requests:
+            ids = encode_prompt_target(self.tokenizer, r.prompt, r.target_new).input_ids.unsqueeze(0).to(device)
+            batches.append((ids, torch.ones_like(ids)))
+        return self._activations(batches)
 
     # ------------------------------------------------------------------ editing
-    def _commit(self, request: EditRequest, solved: SolveResult, seconds: float) -> EditResult:
-        """Multiply the solved factors into the weights and journal them; all or nothing."""
+    def _commit(self, requests: Sequence[EditRequest], solved: SolveResult, start: float) -> list[EditResult]:
+        """Multiply the solved factors (one rotation writing ``requests``) into the weights and
+        journal them as one entry; all or nothing. ``start``: ``perf_counter`` when solving began."""
         cfg = self.config
         snapshot = {t.name: t.weight.data.clone() for t in self.targets if t.name in solved.vectors}
         masters = {name: m.clone() for name, m in self._masters.items()}
@@ -249,16 +252,16 @@ class MoseEditor:
                 if not torch.isfinite(t.weight.data).all():
                     raise EditError(f"non-finite weight in {t.name} after the commit")
             entry = JournalEntry(
-                edit_id=self.journal.next_id(), request=request, side=cfg.side, vectors=vectors32,
+                edit_id=self.journal.next_id(), request=requests[0], batch=list(requests[1:]), side=cfg.side,
+                vectors=vectors32,
                 layouts={t.name: t.weight_layout for t in self.targets if t.name in vectors32},
                 layers={t.name: t.layer for t in self.targets if t.name in vectors32},
                 solver=cfg.solver, settings=cfg.to_dict(),
-                metrics={"success": solved.success, "steps": solved.steps, "final_loss": solved.final_loss,
-                         "seconds": seconds},
+                metrics={"success": solved.success, "steps": solved.steps, "final_loss": solved.final_loss},
             )
             self.journal.entries.append(entry)
             if cfg.keep_edits:
-                keys = self._edit_keys(request)
+                keys = self._edit_keys(requests)
                 extra["key_residual"] = {n: self._keep[n].residual_fraction(k) for n, k in keys.items()}
                 grown = {n: k.add(keys[n]) for n, k in self._keep.items()}
                 # The directions this edit added, when they are appended (no compression): undoing it
@@ -279,8 +282,10 @@ class MoseEditor:
             self._keep, self.journal.keep_state = keep_before, keep_state_before
             del self.journal.entries[length_before:]
             raise
-        return EditResult(entry.edit_id, request, solved.success, solved.steps, solved.final_loss, seconds,
-                          list(vectors32), extra)
+        seconds = time.perf_counter() - start
+        entry.metrics["seconds"] = seconds
+        return [EditResult(entry.edit_id, r, solved.success, solved.steps, solved.final_loss, seconds / len(requests),
+                           list(vectors32), extra) for r in requests]
 
     def edit(self, requests=None, *, prompts=None, target_new=None, ground_truth=None, subject=None,
              rephrase_prompts=None, locality_inputs=None, sequential_edit: bool = True) -> list[EditResult]:
@@ -292,8 +297,10 @@ class MoseEditor:
                 ``ground_truth``, ``subject``, ``rephrase_prompts``, ``locality_inputs``
                 (``{"neighborhood": {"prompt": [...], "ground_truth": [...]}}``).
             sequential_edit: ``True`` (default): each edit is solved on the model as edited by
-                the previous ones and committed before the next. ``False``: all edits are solved
-                on the current model, then committed together (a batch).
+                the previous ones and committed before the next. ``False``: a batch. The
+                procrustes solver writes all requests with one closed-form rotation per layer
+                (one journal entry, undone as a whole); the gradient solver solves each on the
+                current model, then commits them one after another.
 
         Returns:
             One :class:`EditResult` per request. A failing edit (exception, NaN, interrupt)
@@ -315,26 +322,31 @@ class MoseEditor:
         if sequential_edit:
             for r in reqs:
                 start = time.perf_counter()
-                solved = self._run_solver(r, self._keep if self._uses_keep() else {})
-                results.append(self._commit(r, solved, time.perf_counter() - start))
+                solved = self._run_solver([r], self._keep if self._uses_keep() else {})
+                results.extend(self._commit([r], solved, start))
+        elif self.config.solver == "procrustes":
+            start = time.perf_counter()
+            results = self._commit(reqs, self._run_solver(reqs, keep_for_solver), start)
         else:
             solved_all = []
             for r in reqs:
                 start = time.perf_counter()
-                solved_all.append((r, self._run_solver(r, keep_for_solver), time.perf_counter() - start))
-            results = [self._commit(r, s, sec) for r, s, sec in solved_all]
+                solved_all.append(([r], self._run_solver([r], keep_for_solver), time.perf_counter() - start))
+            for r, solved, solve_seconds in solved_all:
+                results.extend(self._commit(r, solved, time.perf_counter() - solve_seconds))
         self.results.extend(results)
         return results
 
     def _uses_keep(self) -> bool:
         return self.config.keep_edits or self.config.keep_corpus_dirs > 0
 
-    def _run_solver(self, request: EditRequest, keep: Mapping[str, KeepSubspace]) -> SolveResult:
+    def _run_solver(self, requests: Sequence[EditRequest], keep: Mapping[str, KeepSubspace]) -> SolveResult:
         if self.config.solver == "gradient":
-            kwargs = {"neighbour_prompts": self.config.neighbour_prompts}
-        else:
-            kwargs = {"corpus": self._corpus_acts}
-        return self._solve(self.model, self.tokenizer, self.targets, request, keep, self.config, **kwargs)
+            (request,) = requests
+            return gradient.solve(self.model, self.tokenizer, self.targets, request, keep, self.config,
+                                  neighbour_prompts=self.config.neighbour_prompts)
+        return procrustes.solve_batch(self.model, self.tokenizer, self.targets, requests, keep, self.config,
+                                      corpus=self._corpus_acts)
 
     # ------------------------------------------------------------------ undo and monitoring
     def undo(self, edit_id: int | None = None) -> None:
@@ -355,6 +367,9 @@ class MoseEditor:
         masters = {name: m.clone() for name, m in self._masters.items()}
         keep_before, keep_state_before = self._keep, dict(self.journal.keep_state)
         try:
+            release = not later and bool(entry.metrics.get("keep_added"))
+            # the keys this edit added to the keep moments, read on the model as it left them
+            release_keys = self._edit_keys(entry.requests) if release else None
             for name, V in entry.vectors.items():
                 t = by_name[name]
                 work = self._work_weight(t)
@@ -365,8 +380,8 @@ class MoseEditor:
                 for e in touching:
                     rotate_weight_(work, e.layouts[name], e.vectors[name], e.side, backend=backend)
                 self._sync(t)
-            if not later and entry.metrics.get("keep_added"):
-                self._release_keep(entry)
+            if release:
+                self._release_keep(entry, release_keys)
             del self.journal.entries[pos]
         except BaseException:
             with torch.no_grad():
@@ -376,16 +391,16 @@ class MoseEditor:
             self._keep, self.journal.keep_state = keep_before, keep_state_before
             raise
 
-    def _release_keep(self, entry: JournalEntry) -> None:
-        """Drop the keep directions ``entry`` appended, where they are still the last ones."""
+    def _release_keep(self, entry: JournalEntry, keys: Mapping[str, Tensor]) -> None:
+        """Drop the keep directions ``entry`` appended, where they are still the last ones, and
+        its ``keys``' share of the compression moments."""
         if self._keep is None:
             self._keep = self._init_keep()
-        added = entry.metrics.get("keep_added", {})
         keep = dict(self._keep)
-        for name, (before, after) in added.items():
+        for name, (before, after) in entry.metrics.get("keep_added", {}).items():
             k = keep.get(name)
             if k is not None and k.edits.shape[1] == after:
-                keep[name] = replace(k, edits=k.edits[:, :before].contiguous(), energy=k.energy[:before])
+                keep[name] = k.remove_last(after - before, keys[name])
         self._keep = keep
         self.journal.keep_state = {n: k.state_dict() for n, k in keep.items()}
 

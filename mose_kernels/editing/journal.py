@@ -32,7 +32,8 @@ class JournalEntry:
 
     Attributes:
         edit_id: unique, increasing id.
-        request: the request it wrote.
+        request: the request it wrote; ``batch``: further requests the same rotation wrote (a
+            procrustes batch solve); ``requests``: all of them.
         side: ``"input"`` or ``"output"``.
         vectors: per edited module name, ``(k, n)`` float32 Householder vectors (CPU).
         layouts: per module name, its weight layout (``"out_in"`` or ``"in_out"``).
@@ -49,9 +50,14 @@ class JournalEntry:
     solver: str
     settings: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
+    batch: list[EditRequest] = field(default_factory=list)
+
+    @property
+    def requests(self) -> list[EditRequest]:
+        return [self.request, *self.batch]
 
     def meta(self) -> dict[str, Any]:
-        return {
+        meta = {
             "edit_id": self.edit_id,
             "request": self.request.to_dict(),
             "side": self.side,
@@ -62,6 +68,9 @@ class JournalEntry:
             "settings": self.settings,
             "metrics": self.metrics,
         }
+        if self.batch:
+            meta["batch"] = [r.to_dict() for r in self.batch]
+        return meta
 
 
 class EditJournal:
@@ -130,11 +139,14 @@ class EditJournal:
                 edit_id=meta["edit_id"], request=EditRequest.from_dict(meta["request"]), side=meta["side"],
                 vectors=vectors, layouts=meta["layouts"], layers={k: int(v) for k, v in meta["layers"].items()},
                 solver=meta["solver"], settings=meta["settings"], metrics=meta["metrics"],
+                batch=[EditRequest.from_dict(r) for r in meta.get("batch", [])],
             ))
-        keep_state = {
-            name: {key: tensors[f"keep.{key}.{name}"] for key in ("corpus", "edits", "energy")}
-            for name in index.get("keep_modules", [])
-        }
+        keep_state: dict[str, dict[str, Tensor]] = {name: {} for name in index.get("keep_modules", [])}
+        for key, value in tensors.items():
+            if key.startswith("keep."):
+                _, field_name, name = key.split(".", 2)
+                if name in keep_state:
+                    keep_state[name][field_name] = value
         return cls(entries, keep_state, index.get("config"))
 
     def modules(self) -> list[str]:

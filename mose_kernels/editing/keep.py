@@ -3,8 +3,14 @@
 A reflection ``H = I - 2 v v^T / (v^T v)`` fixes every vector orthogonal to ``v``. Restricting an
 edit's vectors to the orthogonal complement of a subspace ``P`` therefore leaves ``W`` unchanged
 on ``P`` *exactly* (input side: ``W Q^T k = W k`` for ``k`` in ``P``). ``P`` holds the top
-principal directions of a sample corpus (fixed) and earlier edits' keys (grown edit by edit,
-compressed by energy when it reaches its capacity).
+principal directions of a sample corpus (fixed) and earlier edits' keys (grown edit by edit).
+
+Capacity: a hard subspace fills ``R^n`` (about 9 directions per edit at every prompt and target
+position), so the edit part is an incremental PCA. It carries the second moment of every key it
+was fed, in its own basis; once it holds more than ``max_dim`` directions it is rotated to that
+moment's eigenvectors and the least energetic ones are released. What is released is the
+best rank-``max_dim`` summary of all earlier edits' keys, in energy, so old edits lose protection
+a little each, in proportion to how little of their keys the dropped directions carried.
 """
 
 from __future__ import annotations
@@ -35,21 +41,22 @@ class KeepSubspace:
     Attributes:
         corpus: ``(n, c)`` orthonormal corpus directions.
         edits: ``(n, e)`` orthonormal edit-key directions, orthogonal to ``corpus``.
-        energy: ``(e,)`` singular value each edit direction entered with (compression order).
-        max_dim: most directions in total; adding beyond it drops the weakest edit directions.
+        moment: ``(e, e)`` second moment ``sum_k (E^T k)(E^T k)^T`` of every key added so far,
+            in the ``edits`` basis ``E`` (the compression statistics).
+        max_dim: most directions in total; beyond it the edit part is compressed (module doc).
         tol: relative threshold of a new direction (fraction of the batch's top singular value).
     """
 
     corpus: Tensor
     edits: Tensor
-    energy: Tensor
+    moment: Tensor
     max_dim: int
     tol: float = 1e-3
 
     @classmethod
     def empty(cls, n: int, *, capacity: float = 0.75, tol: float = 1e-3) -> KeepSubspace:
         z = torch.zeros(n, 0, dtype=torch.float64)
-        return cls(z, z.clone(), torch.zeros(0, dtype=torch.float64), int(capacity * n), tol)
+        return cls(z, z.clone(), torch.zeros(0, 0, dtype=torch.float64), int(capacity * n), tol)
 
     @property
     def n(self) -> int:
@@ -67,11 +74,11 @@ class KeepSubspace:
     def with_corpus(self, samples: Tensor, count: int) -> KeepSubspace:
         """Replace the corpus directions by the top ``count`` of ``samples`` (edits re-projected)."""
         corpus = principal_directions(samples, min(count, self.max_dim))
-        edits, energy = self.edits, self.energy
-        if edits.shape[1]:
-            keep = KeepSubspace(corpus, edits[:, :0], energy[:0], self.max_dim, self.tol)
-            return keep.add((edits * energy).T)
-        return KeepSubspace(corpus, edits, energy, self.max_dim, self.tol)
+        fresh = KeepSubspace(corpus, self.edits[:, :0], self.moment[:0, :0], self.max_dim, self.tol)
+        if not self.edits.shape[1]:
+            return fresh
+        evals, evecs = torch.linalg.eigh(self.moment)  # keys with the same second moment
+        return fresh.add((self.edits @ evecs * evals.clamp_min(0).sqrt()).T)
 
     def project_out(self, x: Tensor) -> Tensor:
         """Rows of ``x`` minus their component in the subspace (same dtype and device as ``x``)."""
@@ -81,26 +88,44 @@ class KeepSubspace:
         return x - (x @ b) @ b.T
 
     def add(self, keys: Tensor) -> KeepSubspace:
-        """Subspace grown by the span of ``keys`` (rows; components below ``tol`` are ignored)."""
+        """Subspace grown by the span of ``keys`` (rows; components below ``tol`` are ignored),
+        compressed to ``max_dim`` directions when it would exceed them."""
         x = keys.detach().double().cpu().reshape(-1, self.n)
         if x.shape[0] == 0:
             return self
         scale = torch.linalg.matrix_norm(x, ord=2)
         if scale == 0:
             return self
+        resid = x
         for _ in range(2):  # re-orthogonalise once: classical Gram-Schmidt loses orthogonality
-            x = self.project_out(x)
-        _, s, vh = torch.linalg.svd(x, full_matrices=False)
-        new = s > self.tol * scale
-        edits = torch.cat([self.edits, vh[new].T], dim=1)
-        energy = torch.cat([self.energy, s[new]])
-        room = self.max_dim - self.corpus.shape[1]
+            resid = self.project_out(resid)
+        _, s, vh = torch.linalg.svd(resid, full_matrices=False)
+        edits = torch.cat([self.edits, vh[s > self.tol * scale].T], dim=1)
+        coords = x @ edits
+        e_old = self.edits.shape[1]
+        moment = coords.T @ coords
+        moment[:e_old, :e_old] += self.moment
+        room = max(self.max_dim - self.corpus.shape[1], 0)
         if edits.shape[1] > room:
-            order = torch.argsort(energy, descending=True)[: max(room, 0)]
-            logger.info("keep subspace full (%d dims): dropping %d weakest edit directions",
-                        self.max_dim, edits.shape[1] - order.numel())
-            edits, energy = edits[:, order], energy[order]
-        return KeepSubspace(self.corpus, edits.contiguous(), energy, self.max_dim, self.tol)
+            evals, evecs = torch.linalg.eigh(moment)
+            top = torch.flip(evecs[:, evecs.shape[1] - room :], dims=[1])
+            logger.info("keep subspace full (%d dims): released %d edit directions carrying %.2e of the "
+                        "keys' energy", self.max_dim, edits.shape[1] - room,
+                        float(evals[: evals.numel() - room].clamp_min(0).sum() / evals.sum().clamp_min(1e-300)))
+            edits = edits @ top  # orthonormal: a product of orthonormal column sets
+            moment = torch.diag(torch.flip(evals[evals.numel() - room :], dims=[0]))
+        return KeepSubspace(self.corpus, edits.contiguous(), moment, self.max_dim, self.tol)
+
+    def remove_last(self, count: int, keys: Tensor) -> KeepSubspace:
+        """Inverse of the ``add(keys)`` that appended the last ``count`` edit directions (no
+        compression since): drop them and take ``keys``' share out of the moment."""
+        e = self.edits.shape[1] - count
+        if e < 0:
+            raise ValueError(f"cannot release {count} directions of a subspace holding {self.edits.shape[1]}")
+        edits = self.edits[:, :e].contiguous()
+        coords = keys.detach().double().cpu().reshape(-1, self.n) @ edits
+        moment = self.moment[:e, :e] - coords.T @ coords
+        return KeepSubspace(self.corpus, edits, moment, self.max_dim, self.tol)
 
     def residual_fraction(self, x: Tensor) -> float:
         """``||x - P x|| / ||x||``: how much of ``x`` an edit restricted to the complement can see."""
@@ -109,8 +134,10 @@ class KeepSubspace:
         return 0.0 if norm == 0 else float(torch.linalg.vector_norm(self.project_out(x64)) / norm)
 
     def state_dict(self) -> dict[str, Tensor]:
-        return {"corpus": self.corpus, "edits": self.edits, "energy": self.energy}
+        return {"corpus": self.corpus, "edits": self.edits, "moment": self.moment}
 
     @classmethod
     def from_state(cls, state: dict[str, Tensor], max_dim: int, tol: float) -> KeepSubspace:
-        return cls(state["corpus"].double(), state["edits"].double(), state["energy"].double(), max_dim, tol)
+        """Inverse of :meth:`state_dict`; also reads the older ``energy`` form (a diagonal moment)."""
+        moment = state["moment"].double() if "moment" in state else torch.diag(state["energy"].double() ** 2)
+        return cls(state["corpus"].double(), state["edits"].double(), moment, max_dim, tol)

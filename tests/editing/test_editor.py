@@ -167,14 +167,14 @@ def test_failed_edit_changes_nothing(model, tokenizer, monkeypatch):
     assert len(editor.journal) == n1 and editor._keep is keep1
     assert all(torch.equal(t.weight, w1[t.name]) for t in editor.targets)
 
-    real = editor._solve
+    real = editor._run_solver
 
     def nan_solver(*args, **kwargs):
         result = real(*args, **kwargs)
         result.vectors = {k: v * float("nan") for k, v in result.vectors.items()}
         return result
 
-    editor._solve = nan_solver
+    monkeypatch.setattr(editor, "_run_solver", nan_solver)
     with pytest.raises(ValueError, match="NaN"):
         editor.edit(NEW_FACTS[1])
     assert len(editor.journal) == n1 and all(torch.equal(t.weight, w1[t.name]) for t in editor.targets)
@@ -309,3 +309,46 @@ def test_kl_prefixes_and_subject_positions(model, tokenizer):
     nll_before = _nll(model, tokenizer, NEW_FACTS[0])[0]
     result = editor.edit(NEW_FACTS[0])[0]
     assert result.steps > 0 and _nll(model, tokenizer, NEW_FACTS[0])[0] < nll_before
+
+
+@pytest.mark.parametrize("side", ["input", "output"])
+def test_procrustes_batch_writes_all_requests_with_one_rotation(model, tokenizer, side, tmp_path):
+    """``sequential_edit=False`` with the closed form: one rotation per layer writes every request,
+    journalled as one entry that saves, replays and undoes as a whole."""
+    base = copy.deepcopy(model)
+    editor = MoseEditor(model, tokenizer, _config("procrustes", side))
+    w0 = _weights(editor)
+    facts = [replace(r, subject=r.prompt) for r in NEW_FACTS[:2]]
+    nll_before = [_nll(model, tokenizer, r)[0] for r in facts]
+    results = editor.edit(facts, sequential_edit=False)
+    assert [r.edit_id for r in results] == [0, 0] and len(editor.journal) == 1
+    assert editor.journal.entries[0].requests == facts
+    assert results[0].extra["batch_size"] == 2
+    for r, before in zip(facts, nll_before, strict=True):
+        assert _nll(model, tokenizer, r)[0] < before - 1.0
+    for s in editor.stability().values():
+        assert s["max_sv_rel_change"] < 1e-5 and s["orth_error"] < 1e-5
+    editor.journal.save(tmp_path / "j")
+    loaded = EditJournal.load(tmp_path / "j")
+    assert loaded.entries[0].requests == facts
+    fresh = copy.deepcopy(base)
+    loaded.replay(fresh)
+    for t in editor.targets:
+        assert torch.equal(fresh.get_submodule(t.name).weight, t.weight)
+    dims = {n: k.dim for n, k in editor._keep.items()}
+    editor.undo()
+    for t in editor.targets:
+        torch.testing.assert_close(t.weight, w0[t.name], rtol=0, atol=1e-6)
+    assert all(editor._keep[n].dim < dims[n] for n in dims)  # both requests' keys released
+
+
+def test_procrustes_batch_matches_single_solve_for_one_request(model, tokenizer):
+    config = EditConfig.from_dict(_config("procrustes"))
+    editor = MoseEditor(model, tokenizer, config)
+    editor._keep = editor._init_keep()
+    fact = replace(NEW_FACTS[0], subject=NEW_FACTS[0].prompt)
+    one = procrustes.solve(model, tokenizer, editor.targets, fact, editor._keep, config, editor._corpus_acts)
+    batch = procrustes.solve_batch(model, tokenizer, editor.targets, [fact], editor._keep, config,
+                                   editor._corpus_acts)
+    for name, V in one.vectors.items():
+        assert torch.equal(V, batch.vectors[name])

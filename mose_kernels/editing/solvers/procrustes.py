@@ -197,19 +197,49 @@ def solve(
     corpus: Mapping[str, Tensor] | None = None,
 ) -> SolveResult:
     """Closed-form edit of one request (the model is left unchanged)."""
-    batch = TargetBatch.build(tokenizer, request, config.context_prefixes, model_device(model))
-    acts = _rotated_vectors(model, targets, batch, config.side)
-    if config.isolate_subject:
-        keep = _with_other_positions(targets, batch, acts, keep, config.side, config.keep_tol)
-    base, goal, steps, loss, success = _search_targets(model, targets, batch, config, keep, acts)
+    return solve_batch(model, tokenizer, targets, [request], keep, config, corpus)
+
+
+def solve_batch(
+    model,
+    tokenizer,
+    targets: Sequence[EditTarget],
+    requests: Sequence[EditRequest],
+    keep: Mapping[str, KeepSubspace],
+    config: EditConfig,
+    corpus: Mapping[str, Tensor] | None = None,
+) -> SolveResult:
+    """One closed-form rotation per layer writing all ``requests`` together (the model is left
+    unchanged): each request's target is searched on its own, then one polar factor takes every
+    request's vectors towards their targets at once (``sum_i b_i a_i^T`` over all of them)."""
+    if not requests:
+        raise ValueError("solve_batch needs at least one request")
+    device = model_device(model)
+    batches = [TargetBatch.build(tokenizer, r, config.context_prefixes, device) for r in requests]
+    acts = [_rotated_vectors(model, targets, b, config.side) for b in batches]
+    if config.isolate_subject:  # every request's other positions are kept off by the joint rotation
+        for b, a in zip(batches, acts, strict=True):
+            keep = _with_other_positions(targets, b, a, keep, config.side, config.keep_tol)
+    bases: dict[str, list[Tensor]] = {t.name: [] for t in targets}
+    goals: dict[str, list[Tensor]] = {t.name: [] for t in targets}
+    steps, losses, success = 0, [], True
+    for b, a in zip(batches, acts, strict=True):
+        base, goal, step, loss, ok = _search_targets(model, targets, b, config, keep, a)
+        steps, success = steps + step, success and ok
+        losses.append(loss)
+        for t in targets:
+            bases[t.name].append(base[t.name])
+            goals[t.name].append(goal[t.name])
     raw = {}
     for t in targets:
-        V = rotation_vectors(base[t.name], goal[t.name], keep.get(t.name),
+        V = rotation_vectors(torch.cat(bases[t.name]), torch.cat(goals[t.name]), keep.get(t.name),
                              None if corpus is None else corpus.get(t.name), config.procrustes_lambda, config.side)
         if V.shape[0]:  # an identity rotation (target equals the current vector) leaves the layer alone
             raw[t.name] = V
     if not raw:
         raise EditError("procrustes solver found no rotation for any layer (targets equal the current vectors)")
     vectors = finalize_vectors(raw, keep, what="procrustes solver")
-    logger.debug("procrustes solve: %d search steps, loss %.4f", steps, loss)
-    return SolveResult(vectors, steps, loss, success, {"reflections": {n: v.shape[0] for n, v in vectors.items()}})
+    loss = sum(losses) / len(losses)
+    logger.debug("procrustes solve of %d requests: %d search steps, mean loss %.4f", len(requests), steps, loss)
+    return SolveResult(vectors, steps, loss, success,
+                       {"reflections": {n: v.shape[0] for n, v in vectors.items()}, "batch_size": len(requests)})

@@ -1,0 +1,82 @@
+"""Keep subspaces: exact growth, energy-ordered compression at capacity, release, state round trip."""
+
+import torch
+
+from mose_kernels.editing.keep import KeepSubspace
+
+
+def _keys(rows: int, n: int, seed: int, rank: int | None = None) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    if rank is None:
+        return torch.randn(rows, n, generator=g, dtype=torch.float64)
+    return torch.randn(rows, rank, generator=g, dtype=torch.float64) @ torch.randn(rank, n, generator=g,
+                                                                                     dtype=torch.float64)
+
+
+def _orthonormality_error(basis: torch.Tensor) -> float:
+    return float((basis.T @ basis - torch.eye(basis.shape[1], dtype=basis.dtype)).abs().max())
+
+
+def test_add_holds_the_keys_exactly_below_capacity():
+    keep = KeepSubspace.empty(48, capacity=1.0).with_corpus(_keys(100, 48, 0), 4)
+    keys = _keys(9, 48, 1, rank=5)
+    grown = keep.add(keys)
+    assert grown.dim == 4 + 5
+    assert grown.residual_fraction(keys) < 1e-12
+    assert _orthonormality_error(grown.basis) < 1e-12
+    # the moment is the keys' second moment in the edit basis
+    coords = keys @ grown.edits
+    torch.testing.assert_close(grown.moment, coords.T @ coords)
+
+
+def test_compression_keeps_the_most_energetic_directions():
+    """Past capacity the edit part is the top principal subspace of every key fed so far."""
+    n, room = 40, 12
+    keep = KeepSubspace(torch.zeros(n, 0, dtype=torch.float64), torch.zeros(n, 0, dtype=torch.float64),
+                        torch.zeros(0, 0, dtype=torch.float64), room)
+    strong = _keys(6, n, 2, rank=6) * 10.0
+    keep = keep.add(strong)
+    fed = [strong]
+    for seed in range(3, 9):  # weak keys, each batch of rank 3: 6 + 18 > 12 directions
+        weak = _keys(3, n, seed, rank=3) * 0.1
+        keep = keep.add(weak)
+        fed.append(weak)
+    assert keep.dim == room
+    assert _orthonormality_error(keep.edits) < 1e-10
+    # the strong keys stay protected although later, weaker keys arrived after them
+    assert keep.residual_fraction(strong) < 1e-3
+    # and it captures (nearly: released directions are forgotten, so incremental PCA is not exact)
+    # the energy of the best rank-12 subspace of all keys fed, not merely that of the latest ones
+    everything = torch.cat(fed)
+    _, _, vh = torch.linalg.svd(everything, full_matrices=False)
+    best = vh[:room].T
+    captured = torch.linalg.matrix_norm(everything @ keep.edits) ** 2
+    optimum = torch.linalg.matrix_norm(everything @ best) ** 2
+    assert float(captured / optimum) > 1 - 1e-6
+
+
+def test_remove_last_inverts_add():
+    keep = KeepSubspace.empty(32, capacity=1.0).add(_keys(5, 32, 4, rank=4))
+    keys = _keys(4, 32, 5, rank=3)
+    grown = keep.add(keys)
+    back = grown.remove_last(grown.edits.shape[1] - keep.edits.shape[1], keys)
+    torch.testing.assert_close(back.edits, keep.edits)
+    torch.testing.assert_close(back.moment, keep.moment, atol=1e-10, rtol=0)
+
+
+def test_state_round_trip_and_legacy_energy_form():
+    keep = KeepSubspace.empty(24, capacity=0.5).with_corpus(_keys(50, 24, 6), 2).add(_keys(3, 24, 7))
+    again = KeepSubspace.from_state(keep.state_dict(), keep.max_dim, keep.tol)
+    for a, b in zip(keep.state_dict().values(), again.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    legacy = {"corpus": keep.corpus, "edits": keep.edits, "energy": torch.tensor([3.0, 2.0, 1.0])}
+    old = KeepSubspace.from_state(legacy, keep.max_dim, keep.tol)
+    torch.testing.assert_close(old.moment, torch.diag(torch.tensor([9.0, 4.0, 1.0], dtype=torch.float64)))
+
+
+def test_with_corpus_reprojects_edit_keys():
+    keys = _keys(4, 30, 8, rank=4)
+    keep = KeepSubspace.empty(30, capacity=1.0).add(keys).with_corpus(_keys(60, 30, 9), 5)
+    assert keep.corpus.shape[1] == 5
+    assert keep.residual_fraction(keys) < 1e-10
+    assert _orthonormality_error(keep.basis) < 1e-10
