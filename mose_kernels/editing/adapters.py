@@ -152,7 +152,8 @@ def find_edit_targets(
     (e.g. ``"model.layers.{}.mlp.down_proj"``) overrides the lookup.
 
     Raises:
-        ValueError: unknown architecture, empty, repeated or out-of-range layers.
+        ValueError: unknown architecture, empty, repeated or out-of-range layers, or an offloaded
+            (meta-device) weight.
     """
     if isinstance(layers, int):
         layers = [layers]
@@ -175,6 +176,11 @@ def find_edit_targets(
         if module is None:
             raise ValueError(f"module {name!r} not found in {type(model).__name__}")
         layout, n_in, n_out = _layout(module, name)
+        if module.weight.device.type == "meta":
+            raise ValueError(
+                f"{name}.weight is on the meta device (offloaded to CPU or disk by accelerate, or not "
+                "loaded): an edit must rotate the stored weight in place; load the edited layers onto a "
+                "device (a device_map that maps them to a GPU or 'cpu' without offload)")
         targets.append(EditTarget(name, index, module, layout, n_in, n_out))
     return targets
 

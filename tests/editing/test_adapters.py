@@ -88,3 +88,12 @@ def test_capture_activations_stops_early(model, tokenizer):
     for t in targets:
         assert torch.equal(got[t.name][0], full[t.name][0][0]) and torch.equal(got[t.name][1], full[t.name][0][1])
     assert all(not t.module._forward_hooks for t in targets)
+
+
+def test_offloaded_weights_are_refused_with_a_reason(model):
+    """accelerate's CPU/disk offload keeps the weights on the meta device; an in-place edit of them
+    would be lost, so the lookup says why it refuses."""
+    accelerate = pytest.importorskip("accelerate")
+    accelerate.cpu_offload(model, execution_device="cpu")
+    with pytest.raises(ValueError, match="meta device"):
+        find_edit_targets(model, [0])
