@@ -240,7 +240,11 @@ def cmd_edit(args: argparse.Namespace) -> int:
     model, tokenizer = _load_model(args.model)
     editor = MoseEditor(model, tokenizer, _edit_config(model, args))
     out = Path(args.out)
-    for request in tqdm(requests, desc="editing", unit="edit", disable=args.no_progress):
+    if args.batch:
+        if editor.config.solver != "procrustes":
+            raise CliError("--batch writes the requests with one closed-form rotation: it needs --solver procrustes")
+        editor.edit(requests, sequential_edit=False)
+    for request in tqdm([] if args.batch else requests, desc="editing", unit="edit", disable=args.no_progress):
         result = editor.edit([request])[0]
         logger.info("edit %d: %s -> %r success=%s loss=%.3f", result.edit_id, request.prompt, request.target_new,
                     result.success, result.final_loss)
@@ -376,6 +380,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--requests", required=True, help="request file")
     p.add_argument("--format", default="auto", choices=("auto", "easyedit", "memit", "zsre"))
     p.add_argument("--limit", type=int, help="edit only the first N requests")
+    p.add_argument("--batch", action="store_true",
+                   help="procrustes solver: write all requests with one rotation per layer (one journal entry)")
     p.add_argument("--out", required=True, help="output folder (model/ and journal/)")
     p.set_defaults(func=cmd_edit)
 

@@ -73,6 +73,23 @@ def test_edit_replay_undo_round_trip(tiny_dir, tmp_path, capsys):
     assert not torch.allclose(base[name], load_file(undone / "model" / "model.safetensors")[name])
 
 
+def test_edit_batch_writes_one_journal_entry(tiny_dir, tmp_path, capsys):
+    requests = tmp_path / "requests.json"
+    requests.write_text(json.dumps([
+        {"prompt": "The capital of France is", "subject": "France", "target_new": "Rome"},
+        {"prompt": "Bees make", "subject": "Bees", "target_new": "wax"},
+    ]))
+    edited = tmp_path / "edited"
+    status, stdout, _ = _run(["edit", "--model", tiny_dir, "--requests", requests, "--out", edited, "--batch",
+                              "--solver", "procrustes", "--layers", "1", "--no-progress"], capsys)
+    assert status == 0 and "2 edits" in stdout
+    (entry,) = json.loads((edited / "journal" / "journal.json").read_text())["entries"]
+    assert entry["request"]["target_new"] == "Rome" and entry["batch"][0]["target_new"] == "wax"
+    status, _, stderr = _run(["edit", "--model", tiny_dir, "--requests", requests, "--out", edited, "--batch",
+                              "--solver", "gradient"], capsys)
+    assert status == 2 and "needs --solver procrustes" in stderr
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
