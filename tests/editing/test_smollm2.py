@@ -65,3 +65,19 @@ def test_lever_study_script(smollm2, shared_data, tmp_path, monkeypatch, capsys)
     assert all(0.0 <= x <= 1.0 for x in summary["right_after"] + summary["after_all"])
     assert list(summary["stability"]) == ["model.layers.5.mlp.down_proj"]
     assert summary["stability"]["model.layers.5.mlp.down_proj"]["max_sv_rel_change"] < 1e-5
+
+
+@pytest.mark.slow
+def test_keep_capacity_script(smollm2, shared_data, tmp_path, monkeypatch):
+    """``bench/keep_capacity.py`` runs end to end, and past capacity the shipped compression holds at
+    least as much of the earlier keys as the policy it replaced."""
+    from bench import keep_capacity
+
+    monkeypatch.setenv("MOSE_SHARED_DATA", str(shared_data))
+    out = tmp_path / "capacity.json"
+    assert keep_capacity.main(["--n", "12", "--capacity", "0.08", "--checkpoints", "6,12", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert [c["edits"] for c in result["checkpoints"]] == [6, 12]
+    last = result["checkpoints"][-1]
+    assert last["edit_dims"] == result["capacity_dims"] - result["corpus_dirs"]  # full: compression ran
+    assert last["pca"]["all"]["mean"] >= last["drop_weakest"]["all"]["mean"]
