@@ -8,9 +8,11 @@ principal directions of a sample corpus (fixed) and earlier edits' keys (grown e
 Capacity: a hard subspace fills ``R^n`` (about 9 directions per edit at every prompt and target
 position), so the edit part is an incremental PCA. It carries the second moment of every key it
 was fed, in its own basis; once it holds more than ``max_dim`` directions it is rotated to that
-moment's eigenvectors and the least energetic ones are released. What is released is the
-best rank-``max_dim`` summary of all earlier edits' keys, in energy, so old edits lose protection
-a little each, in proportion to how little of their keys the dropped directions carried.
+moment's eigenvectors and the least energetic ones are released, down to 90 % of the room (so
+the eigendecomposition, ``O(e^3)``, runs once per ~10 % of capacity filled, not at every edit).
+What is kept is the best summary of that rank of all earlier edits' keys, in energy, so old edits
+lose protection a little each, in proportion to how little of their keys the dropped directions
+carried.
 """
 
 from __future__ import annotations
@@ -107,13 +109,14 @@ class KeepSubspace:
         moment[:e_old, :e_old] += self.moment
         room = max(self.max_dim - self.corpus.shape[1], 0)
         if edits.shape[1] > room:
+            kept = room - max(1, room // 10) if room > 1 else room  # hysteresis (module doc)
             evals, evecs = torch.linalg.eigh(moment)
-            top = torch.flip(evecs[:, evecs.shape[1] - room :], dims=[1])
+            top = torch.flip(evecs[:, evecs.shape[1] - kept :], dims=[1])
             logger.info("keep subspace full (%d dims): released %d edit directions carrying %.2e of the "
-                        "keys' energy", self.max_dim, edits.shape[1] - room,
-                        float(evals[: evals.numel() - room].clamp_min(0).sum() / evals.sum().clamp_min(1e-300)))
+                        "keys' energy", self.max_dim, edits.shape[1] - kept,
+                        float(evals[: evals.numel() - kept].clamp_min(0).sum() / evals.sum().clamp_min(1e-300)))
             edits = edits @ top  # orthonormal: a product of orthonormal column sets
-            moment = torch.diag(torch.flip(evals[evals.numel() - room :], dims=[0]))
+            moment = torch.diag(torch.flip(evals[evals.numel() - kept :], dims=[0]))
         return KeepSubspace(self.corpus, edits.contiguous(), moment, self.max_dim, self.tol)
 
     def remove_last(self, count: int, keys: Tensor) -> KeepSubspace:

@@ -41,15 +41,15 @@ def test_compression_keeps_the_most_energetic_directions():
         weak = _keys(3, n, seed, rank=3) * 0.1
         keep = keep.add(weak)
         fed.append(weak)
-    assert keep.dim == room
+    assert room - room // 10 <= keep.dim <= room  # compressed below capacity (hysteresis)
     assert _orthonormality_error(keep.edits) < 1e-10
     # the strong keys stay protected although later, weaker keys arrived after them
     assert keep.residual_fraction(strong) < 1e-3
     # and it captures (nearly: released directions are forgotten, so incremental PCA is not exact)
-    # the energy of the best rank-12 subspace of all keys fed, not merely that of the latest ones
+    # the energy of the best subspace of that rank for all keys fed, not merely that of the latest ones
     everything = torch.cat(fed)
     _, _, vh = torch.linalg.svd(everything, full_matrices=False)
-    best = vh[:room].T
+    best = vh[: keep.dim].T
     captured = torch.linalg.matrix_norm(everything @ keep.edits) ** 2
     optimum = torch.linalg.matrix_norm(everything @ best) ** 2
     assert float(captured / optimum) > 1 - 1e-6

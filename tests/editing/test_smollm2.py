@@ -79,5 +79,6 @@ def test_keep_capacity_script(smollm2, shared_data, tmp_path, monkeypatch):
     result = json.loads(out.read_text())
     assert [c["edits"] for c in result["checkpoints"]] == [6, 12]
     last = result["checkpoints"][-1]
-    assert last["edit_dims"] == result["capacity_dims"] - result["corpus_dirs"]  # full: compression ran
+    room = result["capacity_dims"] - result["corpus_dirs"]
+    assert room - room // 10 <= last["edit_dims"] <= room  # 12 edits hold ~100 directions: compression ran
     assert last["pca"]["all"]["mean"] >= last["drop_weakest"]["all"]["mean"]
