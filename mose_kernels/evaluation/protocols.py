@@ -187,8 +187,9 @@ def make_editor(method: str, model: nn.Module, tokenizer, config: EditConfig, *,
                 baseline_options: dict[str, Any] | None = None):
     """Build the editor of ``method`` (see :data:`METHODS`) on ``config.layers``.
 
-    ``"mose"`` uses ``config`` itself; ``"ft"`` fine-tunes the same layers for ``config.steps``
-    steps; ``"rome"`` and ``"alphaedit"`` edit the middle layer of ``config.layers``.
+    ``"mose"`` uses ``config`` itself; ``"ft"`` fine-tunes the same layers (with its own settings,
+    :class:`FineTuneEditor`'s defaults unless ``baseline_options["ft"]`` overrides them); ``"rome"``
+    and ``"alphaedit"`` edit the middle layer of ``config.layers``.
     """
     options = dict(baseline_options or {})
     layers = list(config.layers)
