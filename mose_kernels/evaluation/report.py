@@ -144,8 +144,18 @@ def _scores_table(study: dict[str, Any], key: str) -> list[str]:
 
 
 def _settings(config: dict[str, Any]) -> dict[str, Any]:
+    """The MOSE settings a reader needs: the main ones, plus every other that is not the default
+    (lists of texts shown by their length)."""
+    from mose_kernels.editing.config import EditConfig
+
     keys = ("layers", "solver", "side", "num_reflections", "steps", "lr", "keep_corpus_dirs")
-    return {k: config[k] for k in keys if k in config}
+    out = {k: config[k] for k in keys if k in config}
+    defaults = EditConfig().to_dict()
+    for k, v in config.items():
+        if k in out or k not in defaults or v == defaults[k]:
+            continue
+        out[k] = f"{len(v)} texts" if isinstance(v, list) and v and isinstance(v[0], str) else v
+    return out
 
 
 def render_markdown(study: dict[str, Any], *, title: str, header: dict[str, str]) -> str:
