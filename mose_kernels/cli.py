@@ -144,33 +144,69 @@ def _print_summary(study: dict[str, Any]) -> None:
             print(f"  {_label(method):<28} {text}")
 
 
-def _run_study(args: argparse.Namespace, model, tokenizer, requests, methods, protocols, *, title: str,
-               generations: int, max_new_tokens: int, curve_points: int, command: str) -> dict[str, Path]:
+def _study_job(model_name: str, requests: list[dict[str, Any]], method: str, config: dict[str, Any],
+               threads: int, options: dict[str, Any]) -> dict[str, Any]:
+    """One method's study in a worker process (see :func:`_run_study`): its own model copy and threads."""
+    import torch
+
+    from mose_kernels.editing.config import EditConfig
+    from mose_kernels.editing.requests import EditRequest
+    from mose_kernels.evaluation.models import load_model
     from mose_kernels.evaluation.protocols import run_study
-    from mose_kernels.evaluation.report import write_report
+
+    torch.set_num_threads(threads)
+    model, tokenizer = load_model(model_name)
+    return run_study(model, tokenizer, [EditRequest.from_dict(r) for r in requests], methods=[method],
+                     config=EditConfig.from_dict(config), **options)
+
+
+def _run_study(args: argparse.Namespace, model, tokenizer, requests, methods, protocols, *, title: str,
+               generations: int, max_new_tokens: int, curve_points: int, command: str,
+               jobs: int = 1) -> dict[str, Path]:
+    """Run the study and write its report. ``jobs > 1``: one process per method (each loads its own
+    copy of the model and uses ``threads / jobs`` torch threads), results merged into one report."""
+    from mose_kernels.evaluation.protocols import run_study
+    from mose_kernels.evaluation.report import merge_studies, write_report
 
     config = _edit_config(model, args)
     out = Path(args.out)
+    jobs = max(1, min(jobs, len(methods)))
+    threads = _threads() if jobs == 1 else max(1, (args.threads or os.cpu_count() or 1) // jobs)
     header = {
         "command": f"`{command}`",
         "model": args.model,
         "requests": str(getattr(args, "requests", None) or DEMO_REQUESTS.name),
         "methods": ", ".join(methods),
-        "machine": f"{platform.machine()} CPU, torch threads {_threads()}",
+        "machine": f"{platform.machine()} CPU, torch threads {threads}"
+                   + (f" in each of {jobs} processes (one per method)" if jobs > 1 else ""),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
     started = time.perf_counter()
+    options = {"protocols": protocols, "probes": _probes(), "text": PERPLEXITY_TEXT.read_text(),
+               "fluency_prompts": [r.prompt for r in requests[:generations]], "curve_points": curve_points,
+               "max_new_tokens": max_new_tokens, "progress": not args.no_progress}
 
     def checkpoint_report(method: str, study: dict[str, Any]) -> None:
         # Written after each method so a long run leaves a usable report even if stopped early.
         write_report(study, out, title=title, header={**header, "wall time": f"{time.perf_counter() - started:.0f} s"})
 
-    study = run_study(
-        model, tokenizer, requests, methods=methods, config=config, protocols=protocols,
-        probes=_probes(), text=PERPLEXITY_TEXT.read_text(),
-        fluency_prompts=[r.prompt for r in requests[:generations]], curve_points=curve_points,
-        max_new_tokens=max_new_tokens, progress=not args.no_progress, on_method_done=checkpoint_report,
-    )
+    if jobs == 1:
+        study = run_study(model, tokenizer, requests, methods=methods, config=config,
+                          on_method_done=checkpoint_report, **options)
+    else:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        payload = [r.to_dict() for r in requests]
+        done: dict[str, dict[str, Any]] = {}
+        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = {pool.submit(_study_job, args.model, payload, m, config.to_dict(), threads, options): m
+                       for m in methods}
+            for future in as_completed(futures):
+                done[futures[future]] = future.result()
+                parts = [done[m] for m in methods if m in done]
+                checkpoint_report(futures[future], parts[0] if len(parts) == 1 else merge_studies(parts))
+        study = merge_studies([done[m] for m in methods], names=methods)
     header["wall time"] = f"{time.perf_counter() - started:.0f} s"
     paths = write_report(study, out, title=title, header=header)
     _print_summary(study)
@@ -181,6 +217,15 @@ def _print_paths(paths: dict[str, Any]) -> None:
     print(f"\nreport: {paths['report']}\nmetrics: {paths['metrics']}")
     for p in paths["plots"]:
         print(f"plot: {p}")
+
+
+def _jobs(args: argparse.Namespace, methods: list[str], *, auto: bool) -> int:
+    """``--jobs``; without it, with ``auto``, one process per method when the CPU has a core for each."""
+    if args.jobs is not None:
+        if args.jobs < 1:
+            raise CliError(f"--jobs must be at least 1, got {args.jobs}")
+        return args.jobs
+    return len(methods) if auto and (os.cpu_count() or 1) >= len(methods) > 1 else 1
 
 
 def _threads() -> int:
@@ -204,7 +249,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"editing {len(requests)} facts sequentially with {', '.join(methods)} ...", file=sys.stderr)
     paths = _run_study(args, model, tokenizer, requests, methods, ["after-each", "after-all"],
                        title="MOSE demo: sequential counterfactual edits", generations=len(show),
-                       max_new_tokens=tokens, curve_points=4 if args.quick else 5, command=args.command_line)
+                       max_new_tokens=tokens, curve_points=4 if args.quick else 5, command=args.command_line,
+                       jobs=_jobs(args, methods, auto=True))
     study = json.loads(paths["metrics"].read_text())
     print("\ngreedy generations before -> after (MOSE):")
     for i, r in enumerate(show):
@@ -225,7 +271,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     paths = _run_study(args, model, tokenizer, requests, methods, protocols,
                        title=f"MOSE sequential editing: {len(requests)} edits of {Path(args.requests).name}",
                        generations=args.generations, max_new_tokens=30, curve_points=args.curve_points,
-                       command=args.command_line)
+                       command=args.command_line, jobs=_jobs(args, methods, auto=False))
     _print_paths(paths)
     return 0
 
@@ -353,6 +399,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--baseline", default="ft", help="none, all, or a comma list of ft, rome, alphaedit (default ft)")
     p.add_argument("--edits", type=int, help="edit only the first N shipped requests")
     p.add_argument("--quick", action="store_true", help="8 edits and short generations (a smoke test)")
+    p.add_argument("--jobs", type=int, help="processes, one method each (default: one per method if the CPU "
+                                            "has a core for each; torch threads are shared out)")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("eval", help="sequential-editing study: MOSE beside additive baselines")
@@ -367,6 +415,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--curve-points", type=int, default=8, help="checkpoints of the after-all curves")
     p.add_argument("--generations", type=int, default=5, help="greedy generations shown (fluency prompts)")
     p.add_argument("--out", required=True, help="report folder")
+    p.add_argument("--jobs", type=int, help="processes, one method each, each loading its own model copy "
+                                            "(default 1); torch threads are shared out")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("merge", help="one report from several `mose eval` runs of the same study")

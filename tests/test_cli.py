@@ -28,11 +28,12 @@ def _run(argv, capsys):
 
 def test_demo_quick_end_to_end(tiny_dir, tmp_path, capsys):
     out = tmp_path / "demo"
-    status, stdout, _ = _run(["demo", "--quick", "--model", tiny_dir, "--out", out, "--steps", 4, "--no-progress"],
-                             capsys)
+    status, stdout, _ = _run(["demo", "--quick", "--model", tiny_dir, "--out", out, "--steps", 4, "--no-progress",
+                              "--jobs", 2], capsys)
     assert status == 0
     report = (out / "report.md").read_text()
     assert "Protocol after-each" in report and "Protocol after-all" in report
+    assert "in each of 2 processes (one per method)" in report  # one process per method, merged
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics["methods"]) == {"mose", "ft"}
     assert metrics["num_requests"] == 8 and metrics["protocols"] == ["after-each", "after-all"]
