@@ -249,7 +249,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"editing {len(requests)} facts sequentially with {', '.join(methods)} ...", file=sys.stderr)
     paths = _run_study(args, model, tokenizer, requests, methods, ["after-each", "after-all"],
                        title="MOSE demo: sequential counterfactual edits", generations=len(show),
-                       max_new_tokens=tokens, curve_points=4 if args.quick else 5, command=args.command_line,
+                       max_new_tokens=tokens, curve_points=4, command=args.command_line,
                        jobs=_jobs(args, methods, auto=True))
     study = json.loads(paths["metrics"].read_text())
     print("\ngreedy generations before -> after (MOSE):")
