@@ -11,7 +11,7 @@ from typing import Any
 from mose_kernels.editing.adapters import EDIT_SIDES, num_layers
 
 SOLVERS = ("gradient", "procrustes")
-EDIT_POSITIONS = ("all", "subject")
+EDIT_POSITIONS = ("all", "subject", "subject_last")
 PRESET_DIR = Path(__file__).resolve().parent / "presets"
 
 
@@ -28,7 +28,8 @@ class EditConfig:
         steps: most optimisation steps per edit (gradient solver; also the value search of procrustes).
         lr: Adam learning rate.
         stop_loss: stop once every target token is the argmax and the mean target NLL is below this.
-        edit_positions: ``"all"`` tokens see the rotation while solving, or only the ``"subject"``'s.
+        edit_positions: ``"all"`` tokens see the rotation while solving, only the ``"subject"``'s,
+            or only the subject's last token (``"subject_last"``, ROME's key position).
         context_prefixes: extra texts prepended to the prompt in the loss (generalisation).
         kl_weight: weight of a KL term keeping the next-token distributions of ``neighbour_prompts``.
         neighbour_prompts: generic prompts for that KL term.

@@ -292,7 +292,7 @@ def test_procrustes_isolated_edit_acts_on_the_subject_token_alone(model, tokeniz
     before = outputs()
     editor.edit(request)
     after = outputs()
-    last = procrustes._last_subject_positions(batch)
+    last = batch.subject_last()
     rows = torch.arange(batch.input_ids.shape[0])
     others = batch.attention_mask.bool().clone()
     others[rows, last] = False
@@ -302,9 +302,24 @@ def test_procrustes_isolated_edit_acts_on_the_subject_token_alone(model, tokeniz
     assert (after[others] - before[others]).norm(dim=-1).max() < 1e-2 * scale
 
 
-def test_kl_prefixes_and_subject_positions(model, tokenizer):
+def test_edit_positions_masks(tokenizer):
+    request = EditRequest("The mother tongue of Danielle Darrieux is", "Danielle Darrieux", "Rome")
+    batch = TargetBatch.build(tokenizer, request, ["Michel Rocard is a native speaker of French."], "cpu")
+    subject = batch.positions("subject")
+    last = batch.positions("subject_last")
+    assert batch.positions("all") is None and subject.shape == last.shape == batch.input_ids.shape
+    assert (last.sum(1) == 1).all() and not (last & ~subject).any()
+    for row in range(2):
+        span = torch.nonzero(subject[row]).flatten()
+        assert span.numel() >= 2 and bool(last[row, span.max()])  # the subject's last token
+    with pytest.raises(ValueError, match="edit_positions"):
+        batch.positions("object")
+
+
+@pytest.mark.parametrize("positions", ["subject", "subject_last"])
+def test_kl_prefixes_and_subject_positions(model, tokenizer, positions):
     config = _config(kl_weight=1.0, neighbour_prompts=["The capital of Italy is", "Apple was founded by"],
-                     context_prefixes=["Michel Rocard is a native speaker of French."], edit_positions="subject")
+                     context_prefixes=["Michel Rocard is a native speaker of French."], edit_positions=positions)
     editor = MoseEditor(model, tokenizer, config)
     nll_before = _nll(model, tokenizer, NEW_FACTS[0])[0]
     result = editor.edit(NEW_FACTS[0])[0]

@@ -43,6 +43,23 @@ class TargetBatch:
     labels: Tensor
     subject_mask: Tensor  # (B, L) bool
 
+    def positions(self, which: str) -> Tensor | None:
+        """The ``(B, L)`` mask of the tokens an edit acts on while solving (``EditConfig.edit_positions``;
+        ``None``: all tokens)."""
+        if which == "all":
+            return None
+        if which == "subject":
+            return self.subject_mask
+        if which == "subject_last":
+            idx = torch.arange(self.subject_mask.shape[1], device=self.subject_mask.device)
+            return idx == self.subject_last().unsqueeze(1)
+        raise ValueError(f"unknown edit_positions {which!r}")
+
+    def subject_last(self) -> Tensor:
+        """``(B,)`` index of each row's last subject token."""
+        idx = torch.arange(self.subject_mask.shape[1], device=self.subject_mask.device).expand_as(self.subject_mask)
+        return torch.where(self.subject_mask, idx, torch.full_like(idx, -1)).max(dim=1).values
+
     @classmethod
     def build(cls, tokenizer, request: EditRequest, prefixes: Sequence[str], device) -> TargetBatch:
         prompts = [request.prompt] + [f"{p.strip()} {request.prompt}" for p in prefixes]

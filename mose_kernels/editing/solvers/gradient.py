@@ -65,7 +65,7 @@ def solve(
         V, B = params[name], bases[name]
         return V if B is None else V - (V @ B) @ B.T
 
-    positions = batch.subject_mask if config.edit_positions == "subject" else None
+    positions = batch.positions(config.edit_positions)
     use_kl = config.kl_weight > 0 and len(neighbour_prompts) > 0
     opt = torch.optim.Adam(params.values(), lr=config.lr)
     loss_value, success, step = float("nan"), False, 0

@@ -67,12 +67,6 @@ def reflections_of(M: Tensor) -> Tensor:
     return torch.stack(rows) if rows else M.new_zeros(0, r)
 
 
-def _last_subject_positions(batch: TargetBatch) -> Tensor:
-    L = batch.subject_mask.shape[1]
-    idx = torch.arange(L, device=batch.subject_mask.device).expand_as(batch.subject_mask)
-    return torch.where(batch.subject_mask, idx, torch.full_like(idx, -1)).max(dim=1).values
-
-
 def _rotated_vectors(model, targets: Sequence[EditTarget], batch: TargetBatch, side: str) -> dict[str, Tensor]:
     """``(B, L, n)`` vectors each target's rotation acts on (inputs, or bias-free outputs), unedited model."""
     with torch.no_grad(), capture_io(targets) as io:
@@ -92,7 +86,7 @@ def _search_targets(model, targets, batch, config, keep: Mapping[str, KeepSubspa
     :func:`_rotated_vectors` of ``batch`` if already computed."""
     side = config.side
     rows = torch.arange(batch.input_ids.shape[0], device=batch.input_ids.device)
-    pos = _last_subject_positions(batch)
+    pos = batch.subject_last()
     if vectors is None:
         vectors = _rotated_vectors(model, targets, batch, side)
     base = {t.name: vectors[t.name][rows, pos].float() for t in targets}
@@ -177,7 +171,7 @@ def _with_other_positions(targets: Sequence[EditTarget], batch: TargetBatch, vec
     :func:`_rotated_vectors`) at every position of ``batch`` except each row's last subject token."""
     rows = torch.arange(batch.input_ids.shape[0], device=batch.input_ids.device)
     others = batch.attention_mask.bool().clone()
-    others[rows, _last_subject_positions(batch)] = False
+    others[rows, batch.subject_last()] = False
     grown = dict(keep)
     for t in targets:
         vec = vectors[t.name]
