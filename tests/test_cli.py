@@ -141,10 +141,25 @@ def test_eval_runs_merge_into_one_report(tiny_dir, tmp_path, capsys):
         assert (tmp_path / "both" / name).read_bytes()[:8] == PNG_MAGIC
     assert not list((tmp_path / "both").glob(".*.tmp"))  # atomic writes leave no temp files
 
-    # a run of a different study (other layers) or the same method twice is refused in one line
+    # a baseline run needs the same edited layers only (it reads nothing else of the MOSE settings)
+    assert _run([*common[:-7], "--steps", 5, "--layers", "1,2", "--curve-points", 2, "--generations", 1,
+                 "--no-progress", "--methods", "ft", "--out", tmp_path / "ft5"], capsys)[0] == 0
+    status, _, _ = _run(["merge", tmp_path / "ft5", tmp_path / "mose", "--out", tmp_path / "both5"], capsys)
+    assert status == 0
+    merged5 = json.loads((tmp_path / "both5" / "metrics.json").read_text())
+    assert list(merged5["methods"]) == ["ft", "mose"] and merged5["config"] == merged["config"]
+    # a run of a different study (other layers, other MOSE settings) or the same method twice is
+    # refused in one line
     assert _run([*common[:-7], "--layers", "1", "--curve-points", 2, "--generations", 1, "--no-progress",
                  "--methods", "ft", "--out", tmp_path / "other"], capsys)[0] == 0
     status, _, stderr = _run(["merge", tmp_path / "mose", tmp_path / "other", "--out", tmp_path / "x"], capsys)
+    assert status == 2 and "edited layers differ" in stderr
+    status, _, stderr = _run(["merge", tmp_path / "mose", tmp_path / "both5", "--out", tmp_path / "x"], capsys)
+    assert status == 2 and "appears twice" in stderr
+    assert _run([*common[:-7], "--steps", 5, "--layers", "1,2", "--curve-points", 2, "--generations", 1,
+                 "--no-progress", "--methods", "mose", "--out", tmp_path / "mose5"], capsys)[0] == 0
+    status, _, stderr = _run(["merge", tmp_path / "ft", tmp_path / "mose", tmp_path / "mose5", "--out",
+                              tmp_path / "x"], capsys)
     assert status == 2 and "MOSE settings differ" in stderr
     status, _, stderr = _run(["merge", tmp_path / "ft", tmp_path / "ft", "--out", tmp_path / "x"], capsys)
     assert status == 2 and "appears twice" in stderr

@@ -240,28 +240,34 @@ def merge_studies(studies: Sequence[dict[str, Any]], names: Sequence[str] | None
         names: a label per study for error messages (default ``study 0``, ``study 1``, ...).
 
     Raises:
-        ValueError: if the studies differ in the requests, the protocols, the MOSE settings or the
-            base model's reference numbers, or if a method appears twice.
+        ValueError: if the studies differ in the requests, the protocols, the edited layers, the
+            MOSE settings (between studies that ran MOSE) or the base model's reference numbers, or
+            if a method appears twice.
     """
     names = list(names) if names is not None else [f"study {i}" for i in range(len(studies))]
     if len(studies) < 2:
         raise ValueError(f"merging needs at least two studies, got {len(studies)}")
     if len(names) != len(studies):
         raise ValueError(f"got {len(names)} names for {len(studies)} studies")
-    first = studies[0]
+    # The MOSE settings matter where MOSE ran; the baselines only read the edited layers from them.
+    ref = next((i for i, s in enumerate(studies) if "mose" in s.get("methods", {})), 0)
+    first = studies[ref]
     must_agree = {
         "num_requests": lambda s: s.get("num_requests"),
         "protocols": lambda s: s.get("protocols"),
-        "MOSE settings": lambda s: s.get("config"),
+        "edited layers": lambda s: (s.get("config") or {}).get("layers"),
         "request file": lambda s: s.get("header", {}).get("requests"),
         "model": lambda s: s.get("header", {}).get("model"),
         "base model perplexity": lambda s: s.get("reference", {}).get("perplexity"),
         "base weights": lambda s: s.get("reference", {}).get("stability"),
     }
-    for name, study in zip(names[1:], studies[1:], strict=True):
+    for name, study in zip(names, studies, strict=True):
+        if "mose" in study.get("methods", {}) and study.get("config") != first.get("config"):
+            raise ValueError(f"cannot merge {name} with {names[ref]}: MOSE settings differ "
+                             f"({study.get('config')!r} vs {first.get('config')!r})")
         for what, get in must_agree.items():
             if get(study) != get(first):
-                raise ValueError(f"cannot merge {name} with {names[0]}: {what} differ "
+                raise ValueError(f"cannot merge {name} with {names[ref]}: {what} differ "
                                  f"({get(study)!r} vs {get(first)!r})")
     merged = {k: v for k, v in first.items() if k not in ("header", "methods")}
     merged["methods"] = {}
