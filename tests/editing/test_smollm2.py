@@ -85,3 +85,17 @@ def test_keep_capacity_script(smollm2, shared_data, tmp_path, monkeypatch):
         stats = last[policy]["all"]
         assert 0.0 <= stats["min"] <= stats["p10"] <= stats["mean"] <= 1.0
         assert stats["mean"] < 1.0  # past capacity some protection was released
+
+
+@pytest.mark.slow
+def test_edit_profile_script(smollm2, shared_data, monkeypatch, capsys):
+    """``bench/edit_profile.py`` (the per-phase cost of an edit) runs end to end and finds its phases."""
+    from bench import edit_profile
+
+    monkeypatch.setenv("MOSE_SHARED_DATA", str(shared_data))
+    assert edit_profile.main(["--edits", "2", "--top", "3", "--config", json.dumps({"steps": 3})]) == 0
+    out = capsys.readouterr().out
+    assert "1 profiled edits" in out
+    for label, _, _ in edit_profile.PHASES:
+        line = next(x for x in out.splitlines() if x.startswith(label))
+        assert int(line[len(label):].split()[0]) >= 1, line  # each phase was called
