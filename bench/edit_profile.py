@@ -21,7 +21,7 @@ import sys
 
 import torch
 
-from bench.editing_throughput import shared_data_dir
+from bench.editing_throughput import counterfact_edit_file
 from mose_kernels.editing import MoseEditor, load_requests
 from mose_kernels.evaluation.models import load_model
 
@@ -56,14 +56,12 @@ def phase_seconds(stats: pstats.Stats) -> dict[str, tuple[int, float]]:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
-    folder = shared_data_dir()
-    if folder is None or not (folder / "counterfact-edit.json").is_file():
-        print("edit_profile: needs counterfact-edit.json in ../shared/data or $MOSE_SHARED_DATA", file=sys.stderr)
+    data = counterfact_edit_file("edit_profile")
+    if data is None:
         return 2
     if args.edits < 2:
         print("edit_profile: --edits must be at least 2 (the first edit is not profiled)", file=sys.stderr)
         return 2
-    data = folder / "counterfact-edit.json"
     torch.manual_seed(0)
     model, tok = load_model("smollm2-135m")
     requests = load_requests(data)[: args.edits]

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from bench.editing_throughput import shared_data_dir
+from bench.editing_throughput import counterfact_edit_file
 from mose_kernels.editing import MoseEditor, load_requests
 from mose_kernels.editing.tokens import batch_prompt_targets
 from mose_kernels.evaluation.models import load_model
@@ -40,11 +40,9 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
-    folder = shared_data_dir()
-    if folder is None or not (folder / "counterfact-edit.json").is_file():
-        print("editing_levers: needs counterfact-edit.json in ../shared/data or $MOSE_SHARED_DATA", file=sys.stderr)
+    data = counterfact_edit_file("editing_levers")
+    if data is None:
         return 2
-    data = folder / "counterfact-edit.json"
     torch.manual_seed(0)
     model, tok = load_model("smollm2-135m")
     requests = load_requests(data)[args.start : args.start + args.n]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -40,6 +41,15 @@ def shared_data_dir() -> Path | None:
     default = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
     path = Path(os.environ.get("MOSE_SHARED_DATA", default))
     return path if path.is_dir() else None
+
+
+def counterfact_edit_file(prog: str) -> Path | None:
+    """``counterfact-edit.json`` of the shared data, or ``None`` after telling why on stderr."""
+    folder = shared_data_dir()
+    if folder is None or not (folder / "counterfact-edit.json").is_file():
+        print(f"{prog}: needs counterfact-edit.json in ../shared/data or $MOSE_SHARED_DATA", file=sys.stderr)
+        return None
+    return folder / "counterfact-edit.json"
 
 
 def edit_requests(count: int) -> tuple[list[EditRequest], str]:

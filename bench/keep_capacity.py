@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from bench.editing_throughput import shared_data_dir
+from bench.editing_throughput import counterfact_edit_file
 from mose_kernels.editing import load_requests
 from mose_kernels.editing.adapters import capture_activations, find_edit_targets
 from mose_kernels.editing.keep import KeepSubspace
@@ -82,11 +82,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--checkpoints", default="100,200,500,1000", help="sizes at which protection is reported")
     p.add_argument("--out", type=Path, help="JSON file for the results")
     args = p.parse_args(argv)
-    folder = shared_data_dir()
-    if folder is None or not (folder / "counterfact-edit.json").is_file():
-        print("keep_capacity: needs counterfact-edit.json in ../shared/data or $MOSE_SHARED_DATA", file=sys.stderr)
+    data = counterfact_edit_file("keep_capacity")
+    if data is None:
         return 2
-    data = folder / "counterfact-edit.json"
     model, tok = load_model("smollm2-135m")
     (target,) = find_edit_targets(model, [args.layer])
     requests = load_requests(data)[: args.n]
