@@ -249,13 +249,14 @@ def merge_studies(studies: Sequence[dict[str, Any]], names: Sequence[str] | None
         raise ValueError(f"merging needs at least two studies, got {len(studies)}")
     if len(names) != len(studies):
         raise ValueError(f"got {len(names)} names for {len(studies)} studies")
-    # The MOSE settings matter where MOSE ran; the baselines only read the edited layers from them.
+    # The MOSE settings matter where MOSE ran; the baselines read only the edited layers (and the
+    # module template) from them.
     ref = next((i for i, s in enumerate(studies) if "mose" in s.get("methods", {})), 0)
     first = studies[ref]
     must_agree = {
         "num_requests": lambda s: s.get("num_requests"),
         "protocols": lambda s: s.get("protocols"),
-        "edited layers": lambda s: (s.get("config") or {}).get("layers"),
+        "edited layers": lambda s: {k: (s.get("config") or {}).get(k) for k in ("layers", "template")},
         "request file": lambda s: s.get("header", {}).get("requests"),
         "model": lambda s: s.get("header", {}).get("model"),
         "base model perplexity": lambda s: s.get("reference", {}).get("perplexity"),
