@@ -21,7 +21,7 @@ import sys
 
 import torch
 
-from bench.editing_throughput import counterfact_edit_file
+from bench.editing_throughput import counterfact_corpus, counterfact_edit_file
 from mose_kernels.editing import MoseEditor, load_requests
 from mose_kernels.evaluation.models import load_model
 
@@ -66,8 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     model, tok = load_model("smollm2-135m")
     requests = load_requests(data)[: args.edits]
     config = json.loads(args.config)
-    records = json.loads(data.read_text())[2000:2300]
-    config.setdefault("keep_corpus", [f"{r['prompt']} {r['ground_truth']}" for r in records])
+    config.setdefault("keep_corpus", counterfact_corpus(data))
     editor = MoseEditor(model, tok, config)
     editor.edit(requests[0])
     profile, seconds, steps = cProfile.Profile(), [], []

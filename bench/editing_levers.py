@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from bench.editing_throughput import counterfact_edit_file
+from bench.editing_throughput import counterfact_corpus, counterfact_edit_file
 from mose_kernels.editing import MoseEditor, load_requests
 from mose_kernels.editing.tokens import batch_prompt_targets
 from mose_kernels.evaluation.models import load_model
@@ -49,8 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     config = json.loads(args.config)
     if args.corpus_records:
         a, b = (int(x) for x in args.corpus_records.split(":"))
-        records = json.loads(data.read_text())[a:b]
-        config.setdefault("keep_corpus", [f"{r['prompt']} {r['ground_truth']}" for r in records])
+        config.setdefault("keep_corpus", counterfact_corpus(data, a, b))
 
     @torch.no_grad()
     def predictions(pairs):

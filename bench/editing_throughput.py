@@ -9,6 +9,7 @@ only, efficacy on random weights means nothing) and ``tiny-llama`` (a small rand
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -50,6 +51,12 @@ def counterfact_edit_file(prog: str) -> Path | None:
         print(f"{prog}: needs counterfact-edit.json in ../shared/data or $MOSE_SHARED_DATA", file=sys.stderr)
         return None
     return folder / "counterfact-edit.json"
+
+
+def counterfact_corpus(data: Path, start: int = 2000, stop: int = 2300) -> list[str]:
+    """``prompt + ground_truth`` of records ``start:stop`` of a flat CounterFact file: the keep
+    corpus of the SmolLM2 studies (disjoint from the edited records)."""
+    return [f"{r['prompt']} {r['ground_truth']}" for r in json.loads(data.read_text())[start:stop]]
 
 
 def edit_requests(count: int) -> tuple[list[EditRequest], str]:

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from bench.editing_throughput import counterfact_edit_file
+from bench.editing_throughput import counterfact_corpus, counterfact_edit_file
 from mose_kernels.editing import load_requests
 from mose_kernels.editing.adapters import capture_activations, find_edit_targets
 from mose_kernels.editing.keep import KeepSubspace
@@ -88,12 +88,11 @@ def main(argv: list[str] | None = None) -> int:
     model, tok = load_model("smollm2-135m")
     (target,) = find_edit_targets(model, [args.layer])
     requests = load_requests(data)[: args.n]
-    records = json.loads(data.read_text())[2000:2300]
 
     start = time.perf_counter()
     with torch.no_grad():
         corpus_keys = []
-        texts = [f"{r['prompt']} {r['ground_truth']}" for r in records]
+        texts = counterfact_corpus(data)
         for i in range(0, len(texts), 16):
             ids, mask = batch_prompts(tok, texts[i : i + 16], "cpu")[:2]
             x = capture_activations(model, [target], input_ids=ids, attention_mask=mask)[target.name][0]

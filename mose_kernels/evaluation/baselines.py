@@ -178,7 +178,7 @@ class RankOneEditor:
         key and value; the model is left unchanged)."""
         t = self.target
         batch = TargetBatch.build(self.tokenizer, request, (), model_device(self.model))
-        pos = int(torch.nonzero(batch.subject_mask[0]).max())
+        pos = int(batch.subject_last()[0])
         with capture_io([t]) as io:
             self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
         x, y = io[t.name][0]
