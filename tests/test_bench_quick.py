@@ -88,3 +88,24 @@ def test_lapack_storage_is_the_same_operator(k: int, n: int) -> None:
     assert torch.equal(torch.triu(A, 1), torch.zeros_like(A)) and torch.equal(A.diagonal(), torch.ones(k).double())
     Q = torch.linalg.householder_product(torch.nn.functional.pad(A, (0, n - k)), tau)
     torch.testing.assert_close(Q, householder_matrix(V), rtol=0, atol=1e-12)
+
+
+def test_half_precision_drift_master_stays_one_rounding_from_exact(tmp_path: Path) -> None:
+    """``bench/half_precision_drift.py``: with the fp32 master the stored weight stays one rounding
+    from the exact product however many edits; stored edit by edit it walks away from it."""
+    from bench import half_precision_drift
+
+    out = tmp_path / "drift.json"
+    argv = ["--shape", "24x40", "--edits", "30", "--checkpoints", "1,10", "--angles", "0.05",
+            "--dtypes", "bf16,fp16", "--out", str(out)]
+    assert half_precision_drift.main(argv) == 0
+    doc = json.loads(out.read_text())
+    assert doc["shape"] == [24, 40] and doc["side"] == "input"
+    rows = {(r["dtype"], r["storage"], r["edits"]): r for r in doc["rows"]}
+    assert len(rows) == 2 * 2 * 3
+    for dtype, unit_roundoff in (("bfloat16", 2.0**-8), ("float16", 2.0**-11)):
+        for edits in (1, 10, 30):
+            master = rows[dtype, "master", edits]
+            assert master["rel_error"] <= unit_roundoff and abs(master["change_kept"] - 1) < 0.05, master
+        assert rows[dtype, "in_place", 30]["rel_error"] > 2 * rows[dtype, "master", 30]["rel_error"]
+    assert half_precision_drift.main(["--shape", "24x40", "--dtypes", "fp8"]) == 2
