@@ -1,8 +1,9 @@
 """Keep subspaces: exact growth, energy-ordered compression at capacity, release, state round trip."""
 
+import pytest
 import torch
 
-from mose_kernels.editing.keep import KeepSubspace
+from mose_kernels.editing.keep import KeepSubspace, principal_directions
 
 
 def _keys(rows: int, n: int, seed: int, rank: int | None = None) -> torch.Tensor:
@@ -15,6 +16,19 @@ def _keys(rows: int, n: int, seed: int, rank: int | None = None) -> torch.Tensor
 
 def _orthonormality_error(basis: torch.Tensor) -> float:
     return float((basis.T @ basis - torch.eye(basis.shape[1], dtype=basis.dtype)).abs().max())
+
+
+@pytest.mark.parametrize("rows, n", [(100, 48), (30, 64), (1, 9)])
+def test_principal_directions_span_the_top_singular_vectors(rows, n):
+    """Tall and wide samples (the two Gram paths) give the SVD's top directions, orthonormal, in order."""
+    g = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, n, generator=g, dtype=torch.float64) * torch.linspace(3, 0.1, n, dtype=torch.float64)
+    count = min(5, rows)
+    dirs = principal_directions(x, count)
+    vh = torch.linalg.svd(x, full_matrices=False)[2][:count]
+    assert dirs.shape == (n, count) and _orthonormality_error(dirs) < 1e-10
+    torch.testing.assert_close((dirs.T @ vh.T).abs(), torch.eye(count, dtype=torch.float64), rtol=0, atol=1e-8)
+    assert principal_directions(x, 0).shape == (n, 0)
 
 
 def test_add_holds_the_keys_exactly_below_capacity():
