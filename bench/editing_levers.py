@@ -33,7 +33,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--start", type=int, default=0, help="first edited record")
     p.add_argument("--n", type=int, default=100, help="number of sequential edits")
     p.add_argument("--config", default="{}", help="JSON object of EditConfig fields over the SmolLM2 preset")
-    p.add_argument("--corpus-records", default="2000:2300", help="records A:B of the keep corpus ('' = model samples)")
+    p.add_argument("--corpus-records", default="2000:2300",
+                   help="records A:B of the keep corpus ('' = EditConfig's default, the shipped keep_corpus.txt)")
     p.add_argument("--out", type=Path, help="JSON-lines file the summary is appended to")
     return p.parse_args(argv)
 
@@ -88,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     summary = {
         "config": {k: v for k, v in config.items() if k != "keep_corpus"},
         "start": args.start, "n": args.n, "corpus_records": args.corpus_records,
+        "keep_corpus": (f"counterfact-edit records {args.corpus_records}" if args.corpus_records
+                        else "shipped keep_corpus.txt"),
         "right_after": [round(statistics.mean(s[j] for s in right_after), 3) for j in range(3)],
         "after_all": [round(statistics.mean(s[j] for s in after_all), 3) for j in range(3)],
         "median_s": round(statistics.median(seconds), 3), "mean_s": round(statistics.mean(seconds), 3),

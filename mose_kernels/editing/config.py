@@ -13,6 +13,8 @@ from mose_kernels.editing.adapters import EDIT_SIDES, num_layers
 SOLVERS = ("gradient", "procrustes")
 EDIT_POSITIONS = ("all", "subject", "subject_last")
 PRESET_DIR = Path(__file__).resolve().parent / "presets"
+KEEP_CORPUS_FILE = Path(__file__).resolve().parent.parent / "data" / "keep_corpus.txt"
+MODEL_SAMPLES = "model-samples"
 
 
 @dataclass
@@ -37,7 +39,10 @@ class EditConfig:
         keep_tol: a key's component outside the keep subspace is added when above this fraction
             of the key batch's largest singular value.
         keep_corpus_dirs: number of principal directions of a sample corpus to protect.
-        keep_corpus: texts of that corpus (``None``: sampled from the model itself).
+        keep_corpus: texts of that corpus. ``None``: the shipped English corpus
+            (``mose_kernels/data/keep_corpus.txt``: short factual statements about many entities and
+            relations, plus everyday prose, written for this project); ``"model-samples"``: texts
+            sampled from the model itself (for models of other languages).
         keep_capacity: fraction of the vector dimension the keep subspace may fill; above it the
             edit directions are compressed to the top principal directions of all earlier edits'
             keys (incremental PCA, see :mod:`mose_kernels.editing.keep`).
@@ -66,7 +71,7 @@ class EditConfig:
     keep_edits: bool = True
     keep_tol: float = 1e-3
     keep_corpus_dirs: int = 64
-    keep_corpus: list[str] | None = None
+    keep_corpus: list[str] | str | None = None
     keep_capacity: float = 0.75
     procrustes_lambda: float = 1.0
     value_steps: int = 25
@@ -94,6 +99,13 @@ class EditConfig:
         if self.keep_corpus_dirs < 0 or self.keep_tol < 0 or self.lr <= 0:
             raise ValueError("keep_corpus_dirs and keep_tol must be >= 0 and lr > 0")
         self.context_prefixes = list(self.context_prefixes)
+        if isinstance(self.keep_corpus, str) and self.keep_corpus != MODEL_SAMPLES:
+            raise ValueError(f"keep_corpus must be a list of texts, None (the shipped corpus) or {MODEL_SAMPLES!r}, "
+                             f"got the string {self.keep_corpus!r}")
+        if self.keep_corpus is not None and not isinstance(self.keep_corpus, str):
+            self.keep_corpus = list(self.keep_corpus)
+            if not self.keep_corpus or not all(isinstance(t, str) and t.strip() for t in self.keep_corpus):
+                raise ValueError("keep_corpus must hold at least one non-empty text")
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> EditConfig:
@@ -107,6 +119,11 @@ class EditConfig:
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (inverse of :meth:`from_dict`)."""
         return dataclasses.asdict(self)
+
+
+def shipped_keep_corpus() -> list[str]:
+    """The texts of the shipped keep corpus (one per line of :data:`KEEP_CORPUS_FILE`)."""
+    return [line for line in KEEP_CORPUS_FILE.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def _preset_name(model) -> str:

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from mose_kernels.editing.adapters import EditTarget, capture_activations, find_edit_targets, rotate_weight_
-from mose_kernels.editing.config import EditConfig, preset_for
+from mose_kernels.editing.config import MODEL_SAMPLES, EditConfig, preset_for, shipped_keep_corpus
 from mose_kernels.editing.journal import EditJournal, JournalEntry
 from mose_kernels.editing.keep import KeepSubspace
 from mose_kernels.editing.requests import EditRequest
@@ -178,10 +178,14 @@ class MoseEditor:
                     out[t.name].append(x[valid.to(x.device)].double().cpu())
         return {name: torch.cat(v) for name, v in out.items()}
 
-    def _text_batches(self, texts: Sequence[str], size: int = 16) -> list[tuple[Tensor, Tensor]]:
+    def _text_batches(self, texts: Sequence[str], size: int = 16, max_tokens: int = 64) -> list[tuple[Tensor, Tensor]]:
+        """Batches of corpus texts, each cut to ``max_tokens`` (and to the model's context)."""
         device = model_device(self.model)
+        config = self.model.config
+        context = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+        limit = min(max_tokens, context) if context else max_tokens
         chunks = [list(texts[i : i + size]) for i in range(0, len(texts), size)]
-        return [batch_prompts(self.tokenizer, chunk, device)[:2] for chunk in chunks]
+        return [batch_prompts(self.tokenizer, chunk, device, max_tokens=limit)[:2] for chunk in chunks]
 
     def _sample_corpus(self, count: int = 32, length: int = 32) -> list[str]:
         """Texts sampled from the model itself (a corpus needing no data files)."""
@@ -189,7 +193,8 @@ class MoseEditor:
         if start is None:
             start = self.tokenizer.eos_token_id
         if start is None:
-            raise ValueError("keep_corpus is None and the tokenizer has no BOS/EOS to sample from; pass keep_corpus")
+            raise ValueError(f"keep_corpus is {MODEL_SAMPLES!r} and the tokenizer has no BOS/EOS to sample from; "
+                             "pass keep_corpus as a list of texts")
         device = model_device(self.model)
         gen_state = torch.random.get_rng_state()
         torch.manual_seed(self.config.seed)
@@ -210,7 +215,12 @@ class MoseEditor:
             keep[t.name] = (KeepSubspace.from_state(state, int(cfg.keep_capacity * n), cfg.keep_tol) if state
                             else KeepSubspace.empty(n, capacity=cfg.keep_capacity, tol=cfg.keep_tol))
         if cfg.keep_corpus_dirs > 0 and not any(k.corpus.shape[1] for k in keep.values()):
-            texts = cfg.keep_corpus if cfg.keep_corpus is not None else self._sample_corpus()
+            if cfg.keep_corpus is None:
+                texts = shipped_keep_corpus()
+            elif cfg.keep_corpus == MODEL_SAMPLES:
+                texts = self._sample_corpus()
+            else:
+                texts = cfg.keep_corpus
             acts = self._activations(self._text_batches(list(texts)))
             gen = torch.Generator().manual_seed(cfg.seed)
             self._corpus_acts = {

@@ -97,13 +97,14 @@ def pad_id(tokenizer) -> int:
 
 
 def batch_prompts(
-    tokenizer, prompts: list[str], device: torch.device | str | None = None
+    tokenizer, prompts: list[str], device: torch.device | str | None = None, max_tokens: int | None = None
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Right-padded batch of prompts alone: ``(input_ids, attention_mask, last)`` with ``last``
-    ``(B,)`` the position of each prompt's last token."""
+    ``(B,)`` the position of each prompt's last token; ``max_tokens`` keeps each prompt's first
+    tokens only."""
     if not prompts:
         raise ValueError("batch_prompts needs at least one prompt")
-    encoded = [encode_prompt(tokenizer, p) for p in prompts]
+    encoded = [encode_prompt(tokenizer, p)[:max_tokens] for p in prompts]
     length = max(e.numel() for e in encoded)
     input_ids = torch.full((len(encoded), length), pad_id(tokenizer), dtype=torch.long)
     attention_mask = torch.zeros_like(input_ids)

@@ -150,6 +150,10 @@ def _settings(config: dict[str, Any]) -> dict[str, Any]:
 
     keys = ("layers", "solver", "side", "num_reflections", "steps", "lr", "keep_corpus_dirs")
     out = {k: config[k] for k in keys if k in config}
+    if "keep_corpus" in config and config.get("keep_corpus_dirs"):
+        corpus = config["keep_corpus"]
+        out["keep_corpus"] = ("shipped keep_corpus.txt" if corpus is None
+                              else corpus if isinstance(corpus, str) else f"{len(corpus)} texts")
     defaults = EditConfig().to_dict()
     for k, v in config.items():
         if k in out or k not in defaults or v == defaults[k]:

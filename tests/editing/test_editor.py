@@ -224,6 +224,30 @@ def test_bad_requests_and_config(model, tokenizer):
     assert len(editor.journal) == 0
 
 
+def test_keep_corpus_sources(model, tokenizer, monkeypatch):
+    """``keep_corpus=None`` reads the shipped corpus, ``"model-samples"`` samples the model, a list
+    is used as given; other strings and empty lists are refused."""
+    from mose_kernels.editing import config as config_module
+
+    shipped = config_module.shipped_keep_corpus()
+    assert len(shipped) > 400 and all(t.strip() for t in shipped)
+    seen, text_batches = [], MoseEditor._text_batches
+
+    def spy(self, texts):
+        seen.append(len(texts))
+        return text_batches(self, texts)
+
+    monkeypatch.setattr(MoseEditor, "_text_batches", spy)
+    for corpus, count in ((None, len(shipped)), ("model-samples", 32), (["Bees make honey."], 1)):
+        editor = MoseEditor(model, tokenizer, _config(steps=2, keep_corpus=corpus))
+        editor.edit(NEW_FACTS[0])
+        assert seen[-1] == count, corpus
+    with pytest.raises(ValueError, match="model-samples"):
+        EditConfig(keep_corpus="wikitext")
+    with pytest.raises(ValueError, match="non-empty text"):
+        EditConfig(keep_corpus=[])
+
+
 def test_presets(model):
     config = preset_for(model)
     assert config.layers and max(config.layers) < model.config.num_hidden_layers

@@ -130,3 +130,14 @@ def test_weight_stability_orthogonal_versus_additive():
     assert added["fro_norm"] > base["fro_norm"] and added["max_sv_rel_change"] > 0.1
     with pytest.raises(ValueError, match="shape"):
         metrics.weight_stability(w0, w0.T)
+
+
+def test_report_names_the_keep_corpus():
+    """The report header says which keep corpus MOSE used (shipped, model samples or the user's)."""
+    from mose_kernels.editing.config import EditConfig
+    from mose_kernels.evaluation.report import _settings
+
+    assert _settings(EditConfig().to_dict())["keep_corpus"] == "shipped keep_corpus.txt"
+    assert _settings(EditConfig(keep_corpus="model-samples").to_dict())["keep_corpus"] == "model-samples"
+    assert _settings(EditConfig(keep_corpus=["a b", "c d"]).to_dict())["keep_corpus"] == "2 texts"
+    assert "keep_corpus" not in _settings(EditConfig(keep_corpus_dirs=0).to_dict())
