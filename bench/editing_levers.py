@@ -24,6 +24,7 @@ import torch
 
 from bench.editing_throughput import counterfact_corpus, counterfact_edit_file
 from mose_kernels.editing import MoseEditor, load_requests
+from mose_kernels.editing.config import keep_corpus_label
 from mose_kernels.editing.tokens import batch_prompt_targets
 from mose_kernels.evaluation.models import load_model
 
@@ -90,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         "config": {k: v for k, v in config.items() if k != "keep_corpus"},
         "start": args.start, "n": args.n, "corpus_records": args.corpus_records,
         "keep_corpus": (f"counterfact-edit records {args.corpus_records}" if args.corpus_records
-                        else "shipped keep_corpus.txt"),
+                        else keep_corpus_label(config.get("keep_corpus"))),
         "right_after": [round(statistics.mean(s[j] for s in right_after), 3) for j in range(3)],
         "after_all": [round(statistics.mean(s[j] for s in after_all), 3) for j in range(3)],
         "median_s": round(statistics.median(seconds), 3), "mean_s": round(statistics.mean(seconds), 3),

@@ -121,6 +121,13 @@ class EditConfig:
         return dataclasses.asdict(self)
 
 
+def keep_corpus_label(corpus: list[str] | str | None) -> str:
+    """How reports name a ``keep_corpus`` setting."""
+    if corpus is None:
+        return "shipped keep_corpus.txt"
+    return corpus if isinstance(corpus, str) else f"{len(corpus)} texts"
+
+
 def shipped_keep_corpus() -> list[str]:
     """The texts of the shipped keep corpus (one per line of :data:`KEEP_CORPUS_FILE`)."""
     return [line for line in KEEP_CORPUS_FILE.read_text(encoding="utf-8").splitlines() if line.strip()]

@@ -146,14 +146,12 @@ def _scores_table(study: dict[str, Any], key: str) -> list[str]:
 def _settings(config: dict[str, Any]) -> dict[str, Any]:
     """The MOSE settings a reader needs: the main ones, plus every other that is not the default
     (lists of texts shown by their length)."""
-    from mose_kernels.editing.config import EditConfig
+    from mose_kernels.editing.config import EditConfig, keep_corpus_label
 
     keys = ("layers", "solver", "side", "num_reflections", "steps", "lr", "keep_corpus_dirs")
     out = {k: config[k] for k in keys if k in config}
     if "keep_corpus" in config and config.get("keep_corpus_dirs"):
-        corpus = config["keep_corpus"]
-        out["keep_corpus"] = ("shipped keep_corpus.txt" if corpus is None
-                              else corpus if isinstance(corpus, str) else f"{len(corpus)} texts")
+        out["keep_corpus"] = keep_corpus_label(config["keep_corpus"])
     defaults = EditConfig().to_dict()
     for k, v in config.items():
         if k in out or k not in defaults or v == defaults[k]:
