@@ -14,6 +14,7 @@ SOLVERS = ("gradient", "procrustes")
 EDIT_POSITIONS = ("all", "subject", "subject_last")
 PRESET_DIR = Path(__file__).resolve().parent / "presets"
 KEEP_CORPUS_FILE = Path(__file__).resolve().parent.parent / "data" / "keep_corpus.txt"
+NEIGHBOUR_SUBJECTS_FILE = Path(__file__).resolve().parent.parent / "data" / "neighbour_subjects.txt"
 MODEL_SAMPLES = "model-samples"
 
 
@@ -35,6 +36,9 @@ class EditConfig:
         context_prefixes: extra texts prepended to the prompt in the loss (generalisation).
         kl_weight: weight of a KL term keeping the next-token distributions of ``neighbour_prompts``.
         neighbour_prompts: generic prompts for that KL term.
+        corpus_weight: weight of a penalty on the edit's relative change (squared) of the keep
+            corpus's outputs at the edited layers: the soft counterpart of the hard corpus
+            directions, acting on everything outside them (gradient solver; ``0``: off).
         keep_edits: protect earlier edits' keys (their projection inputs at all positions).
         keep_tol: a key's component outside the keep subspace is added when above this fraction
             of the key batch's largest singular value.
@@ -43,6 +47,11 @@ class EditConfig:
             (``mose_kernels/data/keep_corpus.txt``: short factual statements about many entities and
             relations, plus everyday prose, written for this project); ``"model-samples"``: texts
             sampled from the model itself (for models of other languages).
+        keep_neighbours: copies of each edit's prompt with its subject replaced by other entities
+            (people, places, organisations, works: ``mose_kernels/data/neighbour_subjects.txt``)
+            whose vectors, at every position, the edit must leave unchanged. They stand for
+            the same relation asked of another subject, so the edit has to act through what is
+            specific to its subject. Kept for that edit only; ``0`` turns it off.
         keep_capacity: fraction of the vector dimension the keep subspace may fill; above it the
             edit directions are compressed to the top principal directions of all earlier edits'
             keys (incremental PCA, see :mod:`mose_kernels.editing.keep`).
@@ -68,10 +77,12 @@ class EditConfig:
     context_prefixes: list[str] = field(default_factory=list)
     kl_weight: float = 0.0
     neighbour_prompts: list[str] = field(default_factory=list)
+    corpus_weight: float = 0.0
     keep_edits: bool = True
     keep_tol: float = 1e-3
     keep_corpus_dirs: int = 64
     keep_corpus: list[str] | str | None = None
+    keep_neighbours: int = 0
     keep_capacity: float = 0.75
     procrustes_lambda: float = 1.0
     value_steps: int = 25
@@ -96,6 +107,10 @@ class EditConfig:
             raise ValueError("steps and value_steps must be non-negative")
         if not 0.0 < self.keep_capacity <= 1.0:
             raise ValueError(f"keep_capacity must be in (0, 1], got {self.keep_capacity}")
+        if not isinstance(self.keep_neighbours, int) or self.keep_neighbours < 0:
+            raise ValueError(f"keep_neighbours must be a non-negative int, got {self.keep_neighbours!r}")
+        if self.corpus_weight < 0 or self.kl_weight < 0:
+            raise ValueError(f"corpus_weight and kl_weight must be >= 0, got {self.corpus_weight}, {self.kl_weight}")
         if self.keep_corpus_dirs < 0 or self.keep_tol < 0 or self.lr <= 0:
             raise ValueError("keep_corpus_dirs and keep_tol must be >= 0 and lr > 0")
         self.context_prefixes = list(self.context_prefixes)
@@ -131,6 +146,11 @@ def keep_corpus_label(corpus: list[str] | str | None) -> str:
 def shipped_keep_corpus() -> list[str]:
     """The texts of the shipped keep corpus (one per line of :data:`KEEP_CORPUS_FILE`)."""
     return [line for line in KEEP_CORPUS_FILE.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def neighbour_subjects() -> list[str]:
+    """The shipped substitute subjects of ``keep_neighbours`` (one per line of :data:`NEIGHBOUR_SUBJECTS_FILE`)."""
+    return [line.strip() for line in NEIGHBOUR_SUBJECTS_FILE.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def _preset_name(model) -> str:

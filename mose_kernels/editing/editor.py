@@ -9,6 +9,7 @@ the model is a plain ``transformers`` model (no wrapper modules, no inference ov
 from __future__ import annotations
 
 import logging
+import random
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -18,7 +19,13 @@ import torch
 from torch import Tensor, nn
 
 from mose_kernels.editing.adapters import EditTarget, capture_activations, find_edit_targets, rotate_weight_
-from mose_kernels.editing.config import MODEL_SAMPLES, EditConfig, preset_for, shipped_keep_corpus
+from mose_kernels.editing.config import (
+    MODEL_SAMPLES,
+    EditConfig,
+    neighbour_subjects,
+    preset_for,
+    shipped_keep_corpus,
+)
 from mose_kernels.editing.journal import EditJournal, JournalEntry
 from mose_kernels.editing.keep import KeepSubspace
 from mose_kernels.editing.requests import EditRequest
@@ -142,6 +149,7 @@ class MoseEditor:
         self._base_svals: dict[str, Tensor] = {}
         self._keep: dict[str, KeepSubspace] | None = None
         self._corpus_acts: dict[str, Tensor] | None = None
+        self._subject_pool: list[str] | None = None
         self.results: list[EditResult] = []
 
     # ------------------------------------------------------------------ weights
@@ -214,7 +222,8 @@ class MoseEditor:
             n = t.dim(cfg.side)
             keep[t.name] = (KeepSubspace.from_state(state, int(cfg.keep_capacity * n), cfg.keep_tol) if state
                             else KeepSubspace.empty(n, capacity=cfg.keep_capacity, tol=cfg.keep_tol))
-        if cfg.keep_corpus_dirs > 0 and not any(k.corpus.shape[1] for k in keep.values()):
+        wants_corpus = cfg.keep_corpus_dirs > 0 and not any(k.corpus.shape[1] for k in keep.values())
+        if wants_corpus or (cfg.corpus_weight > 0 and self._corpus_acts is None):
             if cfg.keep_corpus is None:
                 texts = shipped_keep_corpus()
             elif cfg.keep_corpus == MODEL_SAMPLES:
@@ -239,6 +248,26 @@ class MoseEditor:
             ids = encode_prompt_target(self.tokenizer, r.prompt, r.target_new).input_ids.unsqueeze(0).to(device)
             batches.append((ids, torch.ones_like(ids)))
         return self._activations(batches)
+
+    def _neighbour_prompts(self, request: EditRequest) -> list[str]:
+        """``keep_neighbours`` copies of ``request.prompt`` with another subject (seeded by the prompt)."""
+        if self._subject_pool is None:
+            self._subject_pool = neighbour_subjects()
+        pool = [s for s in self._subject_pool if s != request.subject]
+        rng = random.Random(f"{self.config.seed}:{request.prompt}")
+        chosen = rng.sample(pool, min(self.config.keep_neighbours, len(pool)))
+        return [request.prompt.replace(request.subject, other, 1) for other in chosen]
+
+    def _solver_keep(self, requests: Sequence[EditRequest]) -> dict[str, KeepSubspace]:
+        """The keep subspaces one solve sees: the stored ones, plus (``keep_neighbours``) the
+        vectors of the requests' prompts asked of other subjects, for this solve only."""
+        if not self._uses_keep():
+            return {}
+        if not self.config.keep_neighbours:
+            return self._keep
+        prompts = [p for r in requests for p in self._neighbour_prompts(r)]
+        acts = self._activations(self._text_batches(prompts))
+        return {name: k.add(acts[name], compress=False) for name, k in self._keep.items()}
 
     # ------------------------------------------------------------------ editing
     def _commit(self, requests: Sequence[EditRequest], solved: SolveResult, start: float) -> list[EditResult]:
@@ -327,21 +356,20 @@ class MoseEditor:
             reqs = _as_requests(requests)
         if self._keep is None:
             self._keep = self._init_keep()
-        keep_for_solver = self._keep if self._uses_keep() else {}
         results = []
         if sequential_edit:
             for r in reqs:
                 start = time.perf_counter()
-                solved = self._run_solver([r], self._keep if self._uses_keep() else {})
+                solved = self._run_solver([r], self._solver_keep([r]))
                 results.extend(self._commit([r], solved, start))
         elif self.config.solver == "procrustes":
             start = time.perf_counter()
-            results = self._commit(reqs, self._run_solver(reqs, keep_for_solver), start)
+            results = self._commit(reqs, self._run_solver(reqs, self._solver_keep(reqs)), start)
         else:
             solved_all = []
             for r in reqs:
                 start = time.perf_counter()
-                solved_all.append(([r], self._run_solver([r], keep_for_solver), time.perf_counter() - start))
+                solved_all.append(([r], self._run_solver([r], self._solver_keep([r])), time.perf_counter() - start))
             for r, solved, solve_seconds in solved_all:
                 results.extend(self._commit(r, solved, time.perf_counter() - solve_seconds))
         self.results.extend(results)
@@ -354,7 +382,7 @@ class MoseEditor:
         if self.config.solver == "gradient":
             (request,) = requests
             return gradient.solve(self.model, self.tokenizer, self.targets, request, keep, self.config,
-                                  neighbour_prompts=self.config.neighbour_prompts)
+                                  neighbour_prompts=self.config.neighbour_prompts, corpus=self._corpus_acts)
         return procrustes.solve_batch(self.model, self.tokenizer, self.targets, requests, keep, self.config,
                                       corpus=self._corpus_acts)
 

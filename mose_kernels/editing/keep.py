@@ -95,9 +95,10 @@ class KeepSubspace:
         b = self.basis.to(device=x.device, dtype=x.dtype)
         return x - (x @ b) @ b.T
 
-    def add(self, keys: Tensor) -> KeepSubspace:
+    def add(self, keys: Tensor, *, compress: bool = True) -> KeepSubspace:
         """Subspace grown by the span of ``keys`` (rows; components below ``tol`` are ignored),
-        compressed to ``max_dim`` directions when it would exceed them."""
+        compressed to ``max_dim`` directions when it would exceed them (unless ``compress`` is
+        false: a temporary subspace for one edit, never stored)."""
         x = keys.detach().double().cpu().reshape(-1, self.n)
         if x.shape[0] == 0:
             return self
@@ -114,7 +115,7 @@ class KeepSubspace:
         moment = coords.T @ coords
         moment[:e_old, :e_old] += self.moment
         room = max(self.max_dim - self.corpus.shape[1], 0)
-        if edits.shape[1] > room:
+        if compress and edits.shape[1] > room:
             kept = room - max(1, room // 10) if room > 1 else room  # hysteresis (module doc)
             evals, evecs = torch.linalg.eigh(moment)
             top = torch.flip(evecs[:, evecs.shape[1] - kept :], dims=[1])

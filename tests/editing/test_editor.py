@@ -391,3 +391,54 @@ def test_procrustes_batch_matches_single_solve_for_one_request(model, tokenizer)
                                    editor._corpus_acts)
     for name, V in one.vectors.items():
         assert torch.equal(V, batch.vectors[name])
+
+
+def test_keep_neighbours_leave_the_relation_asked_of_other_subjects_unchanged(model, tokenizer):
+    # A 3-layer model routes little from the subject onwards, so with the relation kept fixed the
+    # edit cannot fully take; it must still move the target while other subjects stay as they were.
+    request = NEW_FACTS[2]
+    plain = MoseEditor(copy.deepcopy(model), tokenizer, _config())
+    plain.edit(request)
+    editor = MoseEditor(model, tokenizer, _config(keep_neighbours=2))
+    neighbours = editor._neighbour_prompts(request)
+    assert len(neighbours) == 2 and len(set(neighbours)) == 2
+    assert all(p.startswith("The mother tongue of ") and request.subject not in p for p in neighbours)
+    ids = [torch.tensor([tokenizer(p)["input_ids"]]) for p in neighbours]
+    with torch.no_grad():
+        before = [model(input_ids=x).logits for x in ids]
+    nll_before = _nll(model, tokenizer, request)[0]
+    editor.edit(request)
+    assert _nll(model, tokenizer, request)[0] < nll_before - 1.0
+    with torch.no_grad():
+        for x, logits in zip(ids, before, strict=True):
+            torch.testing.assert_close(model(input_ids=x).logits, logits, rtol=1e-4, atol=1e-4)
+    # kept for that edit only: the stored subspaces grow by the edit's own keys, as without them
+    assert {n: k.dim for n, k in editor._keep.items()} == {n: k.dim for n, k in plain._keep.items()}
+    with pytest.raises(ValueError, match="keep_neighbours"):
+        EditConfig(keep_neighbours=-1)
+
+
+def _corpus_change(editor) -> float:
+    """The last edit's relative change (squared) of the corpus outputs, summed over layers."""
+    from mose_kernels.editing.adapters import rotate_activations
+
+    entry, total = editor.journal.entries[-1], 0.0
+    for t in editor.targets:
+        x = editor._corpus_acts[t.name]
+        w = (t.weight if t.weight_layout == "out_in" else t.weight.T).detach().float()
+        d = rotate_activations(x, entry.vectors[t.name].float(), "input") - x
+        total += float((d @ w.T).pow(2).sum() / (x @ w.T).pow(2).sum())
+    return total
+
+
+def test_corpus_weight_shrinks_the_change_of_the_corpus_outputs(model, tokenizer):
+    changes = []
+    for weight in (0.0, 100.0):
+        editor = MoseEditor(copy.deepcopy(model), tokenizer, _config(corpus_weight=weight, lr=0.05))
+        nll_before = _nll(editor.model, tokenizer, NEW_FACTS[2])[0]
+        editor.edit(NEW_FACTS[2])
+        assert _nll(editor.model, tokenizer, NEW_FACTS[2])[0] < nll_before - 1.0
+        changes.append(_corpus_change(editor))
+    assert changes[1] < 0.7 * changes[0], changes
+    with pytest.raises(ValueError, match="corpus_weight"):
+        EditConfig(corpus_weight=-1.0)

@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
-from mose_kernels.editing.adapters import EditTarget
+from mose_kernels.editing.adapters import EditTarget, rotate_activations
 from mose_kernels.editing.config import EditConfig
 from mose_kernels.editing.keep import KeepSubspace
 from mose_kernels.editing.requests import EditRequest
@@ -43,6 +43,7 @@ def solve(
     keep: Mapping[str, KeepSubspace],
     config: EditConfig,
     neighbour_prompts: Sequence[str] = (),
+    corpus: Mapping[str, torch.Tensor] | None = None,
 ) -> SolveResult:
     """Learn one edit's reflections; the model is left unchanged (hooks only)."""
     k = config.num_reflections
@@ -64,6 +65,24 @@ def solve(
     def effective(name: str) -> torch.Tensor:
         V, B = params[name], bases[name]
         return V if B is None else V - (V @ B) @ B.T
+
+    use_corpus = config.corpus_weight > 0 and bool(corpus)
+    if use_corpus:
+        samples = {t.name: corpus[t.name][:512].to(t.weight.device) for t in targets}
+        weights = {t.name: (t.weight if t.weight_layout == "out_in" else t.weight.T).detach().float() for t in targets}
+        scale = {n: float((x @ weights[n].T).pow(2).sum()) if config.side == "input" else float(x.pow(2).sum())
+                 for n, x in samples.items()}
+
+    def corpus_change() -> torch.Tensor:
+        """Mean over layers of the edit's relative change of the corpus outputs (squared)."""
+        total = 0.0
+        for t in targets:
+            x = samples[t.name]
+            d = rotate_activations(x, effective(t.name), config.side, backend=config.backend) - x
+            if config.side == "input":
+                d = d @ weights[t.name].T
+            total = total + d.pow(2).sum() / scale[t.name]
+        return total / len(targets)
 
     positions = batch.positions(config.edit_positions)
     use_kl = config.kl_weight > 0 and len(neighbour_prompts) > 0
@@ -89,6 +108,8 @@ def solve(
                     logits = model(input_ids=n_ids, attention_mask=n_mask).logits[rows, n_last].float()
                     kl = F.kl_div(F.log_softmax(logits, -1), base_logp, log_target=True, reduction="batchmean")
                     total = total + config.kl_weight * kl
+                if use_corpus:
+                    total = total + config.corpus_weight * corpus_change()
                 opt.zero_grad(set_to_none=True)
                 total.backward()
                 opt.step()
