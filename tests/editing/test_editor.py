@@ -442,3 +442,25 @@ def test_corpus_weight_shrinks_the_change_of_the_corpus_outputs(model, tokenizer
     assert changes[1] < 0.7 * changes[0], changes
     with pytest.raises(ValueError, match="corpus_weight"):
         EditConfig(corpus_weight=-1.0)
+
+
+@pytest.mark.parametrize("side", ["input", "output"])
+@pytest.mark.parametrize("pairs", [False, True])
+def test_output_change_matches_the_rotated_activations(side, pairs):
+    from mose_kernels.editing.adapters import rotate_activations
+    from mose_kernels.editing.solvers.gradient import output_change
+
+    gen = torch.Generator().manual_seed(0)
+    n, m = 37, 23
+    dim = n if side == "input" else m
+    Vs = torch.randn(3 if pairs else 6, dim, generator=gen, dtype=torch.float64)
+    if pairs:  # the solver's start: equal pairs, the identity
+        Vs = Vs.repeat_interleave(2, dim=0)
+    x = torch.randn(63, dim, generator=gen, dtype=torch.float64)
+    weight = torch.randn(m, n, generator=gen, dtype=torch.float64)
+    d = rotate_activations(x, Vs, side, backend="reference") - x
+    expected = (d @ weight.T if side == "input" else d).pow(2).sum()
+    got = output_change(x, Vs, weight, side)
+    torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-12)
+    if pairs:
+        assert float(got) < 1e-20

@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
-from mose_kernels.editing.adapters import EditTarget, rotate_activations
+from mose_kernels.editing.adapters import EditTarget
 from mose_kernels.editing.config import EditConfig
 from mose_kernels.editing.keep import KeepSubspace
 from mose_kernels.editing.requests import EditRequest
@@ -31,8 +31,20 @@ from mose_kernels.editing.solvers.common import (
     target_nll,
 )
 from mose_kernels.editing.tokens import batch_prompts
+from mose_kernels.reference import wy_factor_ref
 
 logger = logging.getLogger(__name__)
+
+
+def output_change(x: torch.Tensor, V: torch.Tensor, weight: torch.Tensor, side: str) -> torch.Tensor:
+    """``sum_rows ||W (Q^T x - x)||^2`` (input side) or ``||Q y - y||^2`` (output side, ``x = y``)
+    for ``Q = H(v_1)...H(v_k)``, from the compact WY form ``Q = I - V^T T V``: the change of a
+    row is ``(x V^T) T V``, so the cost is ``O(rows n k)`` and ``W`` is read as ``V W^T`` only."""
+    T = wy_factor_ref(V)
+    coeffs = x @ V.T
+    if side == "input":
+        return ((coeffs @ T) @ (V @ weight.T)).pow(2).sum()
+    return ((coeffs @ T.T) @ V).pow(2).sum()
 
 
 def solve(
@@ -75,13 +87,8 @@ def solve(
 
     def corpus_change() -> torch.Tensor:
         """Mean over layers of the edit's relative change of the corpus outputs (squared)."""
-        total = 0.0
-        for t in targets:
-            x = samples[t.name]
-            d = rotate_activations(x, effective(t.name), config.side, backend=config.backend) - x
-            if config.side == "input":
-                d = d @ weights[t.name].T
-            total = total + d.pow(2).sum() / scale[t.name]
+        total = sum(output_change(samples[t.name], effective(t.name), weights[t.name], config.side) / scale[t.name]
+                    for t in targets)
         return total / len(targets)
 
     positions = batch.positions(config.edit_positions)
