@@ -24,7 +24,7 @@ NEW_FACTS = [
 def _config(solver="gradient", side="input", **kw) -> dict:
     base = dict(layers=[0, 1, 2], solver=solver, side=side, num_reflections=8, steps=60, lr=0.1, edit_positions="all",
                 keep_corpus=[p for p, _ in FACTS], keep_corpus_dirs=2, value_steps=60, value_lr=2.0,
-                procrustes_lambda=0.0)
+                procrustes_lambda=0.0, corpus_weight=0.0)
     base.update(kw)
     return base
 

@@ -36,6 +36,7 @@ def test_sequential_counterfact_edits_take_and_keep_the_spectrum(smollm2, shared
     corpus = [f"{r['prompt']} {r['ground_truth']}" for r in json.loads(path.read_text())[2000:2040]]
     editor = MoseEditor(model, tokenizer, {"keep_corpus": corpus})
     assert editor.config.layers == [4, 5, 6] and editor.config.edit_positions == "subject"  # the SmolLM2 preset
+    assert editor.config.corpus_weight > 0  # its corpus penalty is exercised here
     results = editor.edit(requests)
     assert sum(r.success for r in results) >= 3
     taken = 0
