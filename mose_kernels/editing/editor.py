@@ -222,6 +222,9 @@ class MoseEditor:
             n = t.dim(cfg.side)
             keep[t.name] = (KeepSubspace.from_state(state, int(cfg.keep_capacity * n), cfg.keep_tol) if state
                             else KeepSubspace.empty(n, capacity=cfg.keep_capacity, tol=cfg.keep_tol))
+        # Corpus directions are installed once; a journal's stored subspaces already carry them
+        # (re-installing would rebuild the edit directions). The corpus penalty needs the
+        # activations in either case.
         wants_corpus = cfg.keep_corpus_dirs > 0 and not any(k.corpus.shape[1] for k in keep.values())
         if wants_corpus or (cfg.corpus_weight > 0 and self._corpus_acts is None):
             if cfg.keep_corpus is None:
@@ -235,9 +238,10 @@ class MoseEditor:
             self._corpus_acts = {
                 name: a[torch.randperm(a.shape[0], generator=gen)[:2048]].float() for name, a in acts.items()
             }
-            keep = {name: k.with_corpus(acts[name], cfg.keep_corpus_dirs) for name, k in keep.items()}
-            logger.info("keep subspaces: %d corpus directions per layer from %d texts",
-                        cfg.keep_corpus_dirs, len(texts))
+            if wants_corpus:
+                keep = {name: k.with_corpus(acts[name], cfg.keep_corpus_dirs) for name, k in keep.items()}
+                logger.info("keep subspaces: %d corpus directions per layer from %d texts",
+                            cfg.keep_corpus_dirs, len(texts))
         return keep
 
     def _edit_keys(self, requests: Sequence[EditRequest]) -> dict[str, Tensor]:

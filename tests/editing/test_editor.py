@@ -464,3 +464,18 @@ def test_output_change_matches_the_rotated_activations(side, pairs):
     torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-12)
     if pairs:
         assert float(got) < 1e-20
+
+
+def test_a_loaded_journal_keeps_its_subspaces_with_the_corpus_penalty(model, tokenizer, tmp_path):
+    """A fresh editor given a saved journal (``mose undo`` does this) reads the stored keep
+    subspaces as they were; the corpus penalty only loads the corpus activations beside them."""
+    config = _config(steps=5, corpus_weight=10.0)
+    editor = MoseEditor(copy.deepcopy(model), tokenizer, config)
+    editor.edit(NEW_FACTS[:2])
+    editor.journal.save(tmp_path / "j")
+    resumed = MoseEditor(copy.deepcopy(model), tokenizer, config)
+    resumed.journal = EditJournal.load(tmp_path / "j")
+    keep = resumed._init_keep()
+    for name, k in editor._keep.items():
+        assert torch.equal(keep[name].edits, k.edits) and torch.equal(keep[name].corpus, k.corpus)
+    assert resumed._corpus_acts is not None and set(resumed._corpus_acts) == set(keep)
