@@ -55,6 +55,10 @@ class EditConfig:
         keep_capacity: fraction of the vector dimension the keep subspace may fill; above it the
             edit directions are compressed to the top principal directions of all earlier edits'
             keys (incremental PCA, see :mod:`mose_kernels.editing.keep`).
+        keep_max_dim: most directions a layer's keep subspace may hold whatever ``n`` (``None``: no
+            cap beyond ``keep_capacity``). The subspace is stored in float64 as ``n x dim`` plus a
+            ``dim x dim`` moment, so a fraction of ``n`` grows with ``n^2`` (LLaMA-3-8B's input side,
+            ``n = 14336``: 2.2 GB per layer at 0.75); a cap keeps it ``O(n keep_max_dim)``.
         procrustes_lambda: weight of the corpus-preservation term of the closed form.
         value_steps, value_lr: ROME-style search of the target value (procrustes solver).
         isolate_subject: procrustes solver: also keep the rotation off the edit prompt's other
@@ -84,6 +88,7 @@ class EditConfig:
     keep_corpus: list[str] | str | None = None
     keep_neighbours: int = 0
     keep_capacity: float = 0.75
+    keep_max_dim: int | None = None
     procrustes_lambda: float = 1.0
     value_steps: int = 25
     value_lr: float = 5e-1
@@ -107,6 +112,8 @@ class EditConfig:
             raise ValueError("steps and value_steps must be non-negative")
         if not 0.0 < self.keep_capacity <= 1.0:
             raise ValueError(f"keep_capacity must be in (0, 1], got {self.keep_capacity}")
+        if self.keep_max_dim is not None and (not isinstance(self.keep_max_dim, int) or self.keep_max_dim < 1):
+            raise ValueError(f"keep_max_dim must be a positive int or None, got {self.keep_max_dim!r}")
         if not isinstance(self.keep_neighbours, int) or self.keep_neighbours < 0:
             raise ValueError(f"keep_neighbours must be a non-negative int, got {self.keep_neighbours!r}")
         if self.corpus_weight < 0 or self.kl_weight < 0:
@@ -121,6 +128,11 @@ class EditConfig:
             self.keep_corpus = list(self.keep_corpus)
             if not self.keep_corpus or not all(isinstance(t, str) and t.strip() for t in self.keep_corpus):
                 raise ValueError("keep_corpus must hold at least one non-empty text")
+
+    def keep_room(self, n: int) -> int:
+        """Most directions of a keep subspace of ``R^n``: ``keep_capacity * n``, capped by ``keep_max_dim``."""
+        room = int(self.keep_capacity * n)
+        return room if self.keep_max_dim is None else min(room, self.keep_max_dim)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> EditConfig:

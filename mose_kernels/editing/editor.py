@@ -220,8 +220,8 @@ class MoseEditor:
         for t in self.targets:
             state = self.journal.keep_state.get(t.name)
             n = t.dim(cfg.side)
-            keep[t.name] = (KeepSubspace.from_state(state, int(cfg.keep_capacity * n), cfg.keep_tol) if state
-                            else KeepSubspace.empty(n, capacity=cfg.keep_capacity, tol=cfg.keep_tol))
+            keep[t.name] = (KeepSubspace.from_state(state, cfg.keep_room(n), cfg.keep_tol) if state
+                            else KeepSubspace.empty(n, max_dim=cfg.keep_room(n), tol=cfg.keep_tol))
         # Corpus directions are installed once; a journal's stored subspaces already carry them
         # (re-installing would rebuild the edit directions). The corpus penalty needs the
         # activations in either case.

@@ -62,9 +62,13 @@ class KeepSubspace:
     tol: float = 1e-3
 
     @classmethod
-    def empty(cls, n: int, *, capacity: float = 0.75, tol: float = 1e-3) -> KeepSubspace:
+    def empty(cls, n: int, *, capacity: float = 0.75, max_dim: int | None = None, tol: float = 1e-3) -> KeepSubspace:
+        """An empty subspace of ``R^n`` holding at most ``max_dim`` directions (default ``capacity * n``)."""
         z = torch.zeros(n, 0, dtype=torch.float64)
-        return cls(z, z.clone(), torch.zeros(0, 0, dtype=torch.float64), int(capacity * n), tol)
+        room = int(capacity * n) if max_dim is None else int(max_dim)
+        if not 0 <= room <= n:
+            raise ValueError(f"a keep subspace of R^{n} holds 0 to {n} directions, got max_dim {room}")
+        return cls(z, z.clone(), torch.zeros(0, 0, dtype=torch.float64), room, tol)
 
     @property
     def n(self) -> int:

@@ -224,6 +224,29 @@ def test_bad_requests_and_config(model, tokenizer):
     assert len(editor.journal) == 0
 
 
+def test_keep_max_dim_caps_the_subspace_and_edits_still_take(model, tokenizer, tmp_path):
+    """``keep_max_dim`` bounds every layer's keep subspace (memory ``O(n keep_max_dim)``, not a
+    fraction of ``n``): the edits go past the cap, are compressed, still take, and a saved
+    journal reloads with the same cap."""
+    cap = 12
+    editor = MoseEditor(model, tokenizer, _config(keep_max_dim=cap))
+    uncapped = MoseEditor(copy.deepcopy(model), tokenizer, _config())
+    for fact in NEW_FACTS:
+        assert editor.edit(fact)[0].success
+        uncapped.edit(fact)
+    assert all(k.max_dim == cap and 2 < k.dim <= cap for k in editor._keep.values())
+    assert all(k.dim > cap for k in uncapped._keep.values())  # the cap, not the fraction, bound it
+    assert all(_nll(model, tokenizer, fact)[1] for fact in NEW_FACTS[1:])
+    editor.journal.save(tmp_path / "journal")
+    reloaded = MoseEditor(model, tokenizer, _config(keep_max_dim=cap))
+    reloaded.journal = EditJournal.load(tmp_path / "journal")
+    assert all(k.max_dim == cap and k.dim <= cap for k in reloaded._init_keep().values())
+    assert EditConfig(keep_max_dim=cap).keep_room(1536) == cap and EditConfig().keep_room(1536) == 1152
+    for bad in (0, -3, 2.5):
+        with pytest.raises(ValueError, match="keep_max_dim"):
+            EditConfig(keep_max_dim=bad)
+
+
 def test_keep_corpus_sources(model, tokenizer, monkeypatch):
     """``keep_corpus=None`` reads the shipped corpus, ``"model-samples"`` samples the model, a list
     is used as given; other strings and empty lists are refused."""
