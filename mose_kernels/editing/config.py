@@ -58,7 +58,9 @@ class EditConfig:
         keep_max_dim: most directions a layer's keep subspace may hold whatever ``n`` (``None``: no
             cap beyond ``keep_capacity``). The subspace is stored in float64 as ``n x dim`` plus a
             ``dim x dim`` moment, so a fraction of ``n`` grows with ``n^2`` (LLaMA-3-8B's input side,
-            ``n = 14336``: 2.2 GB per layer at 0.75); a cap keeps it ``O(n keep_max_dim)``.
+            ``n = 14336``: 2.0 GiB per layer at 0.75; LLaMA-3-70B's, 28672: 8 GiB); the cap keeps
+            it ``O(n keep_max_dim)``. The default 4096 binds from ``n = 5462`` on (7B models and
+            up), never on SmolLM2 or GPT-2 small.
         procrustes_lambda: weight of the corpus-preservation term of the closed form.
         value_steps, value_lr: ROME-style search of the target value (procrustes solver).
         isolate_subject: procrustes solver: also keep the rotation off the edit prompt's other
@@ -88,7 +90,7 @@ class EditConfig:
     keep_corpus: list[str] | str | None = None
     keep_neighbours: int = 0
     keep_capacity: float = 0.75
-    keep_max_dim: int | None = None
+    keep_max_dim: int | None = 4096
     procrustes_lambda: float = 1.0
     value_steps: int = 25
     value_lr: float = 5e-1

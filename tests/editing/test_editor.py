@@ -242,6 +242,7 @@ def test_keep_max_dim_caps_the_subspace_and_edits_still_take(model, tokenizer, t
     reloaded.journal = EditJournal.load(tmp_path / "journal")
     assert all(k.max_dim == cap and k.dim <= cap for k in reloaded._init_keep().values())
     assert EditConfig(keep_max_dim=cap).keep_room(1536) == cap and EditConfig().keep_room(1536) == 1152
+    assert EditConfig().keep_room(14336) == 4096 and EditConfig(keep_max_dim=None).keep_room(14336) == 10752
     for bad in (0, -3, 2.5):
         with pytest.raises(ValueError, match="keep_max_dim"):
             EditConfig(keep_max_dim=bad)
