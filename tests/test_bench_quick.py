@@ -109,3 +109,19 @@ def test_half_precision_drift_master_stays_one_rounding_from_exact(tmp_path: Pat
             assert master["rel_error"] <= unit_roundoff and abs(master["change_kept"] - 1) < 0.05, master
         assert rows[dtype, "in_place", 30]["rel_error"] > 2 * rows[dtype, "master", 30]["rel_error"]
     assert half_precision_drift.main(["--shape", "24x40", "--dtypes", "fp8"]) == 2
+
+
+def test_keep_memory_cap_bounds_the_stored_state(tmp_path: Path) -> None:
+    """``bench/keep_memory.py``: the stored keep state is ``n x dim + dim x dim`` float64, so the
+    capped run holds at most ``n * cap + cap^2`` doubles and fills to the cap; bad caps exit 2."""
+    from bench import keep_memory
+
+    out = tmp_path / "keep.jsonl"
+    assert keep_memory.main(["--n", "200", "--max-dim", "40", "--edits", "12", "--out", str(out)]) == 0
+    assert keep_memory.main(["--n", "200", "--edits", "12", "--out", str(out)]) == 0
+    capped, uncapped = (json.loads(line) for line in out.read_text().splitlines())
+    assert capped["max_dim"] == 40 and 36 <= capped["final_dim"] <= 40
+    assert capped["peak_stored_mb"] <= (200 * 40 + 40 * 40) * 8 / 2**20 + 0.05
+    assert uncapped["max_dim"] == 150 and uncapped["final_dim"] == 12 * 9
+    assert uncapped["peak_stored_mb"] > capped["peak_stored_mb"]
+    assert keep_memory.main(["--n", "200", "--max-dim", "300"]) == 2
