@@ -63,6 +63,29 @@ def test_no_op_editor_keeps_base_scores(tiny_model, tiny_tokenizer, chosen):
     assert all(s["rel_change"] == 0.0 for s in final["stability"].values())
 
 
+def test_after_all_reuses_the_last_checkpoint(tiny_model, tiny_tokenizer, monkeypatch):
+    """The checkpoint after the last edit already scored every request on the final model: the
+    after-all scores are those (one scoring pass fewer), and they match the curve's last point."""
+    requests = load_requests(DEMO_REQUESTS, limit=3)
+    ref = _reference(tiny_model, tiny_tokenizer, requests)
+    scored, score = [], protocols.metrics.score_requests
+
+    def spy(model, tokenizer, reqs, locality):
+        scored.append(len(reqs))
+        return score(model, tokenizer, reqs, locality)
+
+    monkeypatch.setattr(protocols.metrics, "score_requests", spy)
+    run = protocols.run_sequential(NoOpEditor(), tiny_model, tiny_tokenizer, requests, ref, protocols=["after-all"],
+                                   curve_points=3, max_new_tokens=4, progress=False)
+    assert scored == [1, 2, 3]
+    assert run["after_all"]["summary"] == run["curve"][-1]["scores"]
+    assert len(run["after_all"]["per_request"]) == 3
+    scored.clear()  # a curve that does not end at the last edit (no after-all checkpoints) scores once
+    protocols.run_sequential(NoOpEditor(), tiny_model, tiny_tokenizer, requests, ref, protocols=["after-each"],
+                             curve_points=3, max_new_tokens=4, progress=False)
+    assert scored == [1, 1, 1]
+
+
 def test_run_sequential_rejects_bad_protocols(tiny_model, tiny_tokenizer):
     requests = load_requests(DEMO_REQUESTS, limit=1)
     ref = _reference(tiny_model, tiny_tokenizer, requests)
