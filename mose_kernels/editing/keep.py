@@ -93,11 +93,16 @@ class KeepSubspace:
         return fresh.add((self.edits @ evecs * evals.clamp_min(0).sqrt()).T)
 
     def project_out(self, x: Tensor) -> Tensor:
-        """Rows of ``x`` minus their component in the subspace (same dtype and device as ``x``)."""
-        if self.dim == 0:
-            return x
-        b = self.basis.to(device=x.device, dtype=x.dtype)
-        return x - (x @ b) @ b.T
+        """Rows of ``x`` minus their component in the subspace (same dtype and device as ``x``).
+
+        The corpus and edit parts are orthogonal, so each is taken out on its own: no ``n x dim``
+        concatenated basis is built (at 7B-70B widths that copy cost more than the products).
+        """
+        for part in (self.corpus, self.edits):
+            if part.shape[1]:
+                b = part.to(device=x.device, dtype=x.dtype)
+                x = x - (x @ b) @ b.T
+        return x
 
     def add(self, keys: Tensor, *, compress: bool = True) -> KeepSubspace:
         """Subspace grown by the span of ``keys`` (rows; components below ``tol`` are ignored),
