@@ -55,7 +55,7 @@ def run(n: int, max_dim: int | None, edits: int, keys: int, seed: int = 0) -> di
     total = time.perf_counter() - start
     return {
         "n": n, "max_dim": keep.max_dim, "edits": edits, "keys_per_edit": keys, "final_dim": keep.dim,
-        "peak_stored_mb": round(peak / 2**20, 1), "median_add_s": round(statistics.median(seconds), 4),
+        "peak_stored_mib": round(peak / 2**20, 1), "median_add_s": round(statistics.median(seconds), 4),
         "max_add_s": round(max(seconds), 2), "total_s": round(total, 1), "torch_threads": torch.get_num_threads(),
     }
 

@@ -121,7 +121,7 @@ def test_keep_memory_cap_bounds_the_stored_state(tmp_path: Path) -> None:
     assert keep_memory.main(["--n", "200", "--edits", "12", "--out", str(out)]) == 0
     capped, uncapped = (json.loads(line) for line in out.read_text().splitlines())
     assert capped["max_dim"] == 40 and 36 <= capped["final_dim"] <= 40
-    assert capped["peak_stored_mb"] <= (200 * 40 + 40 * 40) * 8 / 2**20 + 0.05
+    assert capped["peak_stored_mib"] <= (200 * 40 + 40 * 40) * 8 / 2**20 + 0.05
     assert uncapped["max_dim"] == 150 and uncapped["final_dim"] == 12 * 9
-    assert uncapped["peak_stored_mb"] > capped["peak_stored_mb"]
+    assert uncapped["peak_stored_mib"] > capped["peak_stored_mib"]
     assert keep_memory.main(["--n", "200", "--max-dim", "300"]) == 2
