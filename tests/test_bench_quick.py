@@ -125,3 +125,25 @@ def test_keep_memory_cap_bounds_the_stored_state(tmp_path: Path) -> None:
     assert uncapped["max_dim"] == 150 and uncapped["final_dim"] == 12 * 9
     assert uncapped["peak_stored_mib"] > capped["peak_stored_mib"]
     assert keep_memory.main(["--n", "200", "--max-dim", "300"]) == 2
+
+
+def test_paraphrase_yardstick_runs_on_a_saved_model(tmp_path: Path) -> None:
+    """``bench/paraphrase_yardstick.py`` on a tiny saved LLaMA and a two-record requests file:
+    one JSON line with the counts of the metric; records out of range exit 2."""
+    from bench import paraphrase_yardstick
+    from tests.evaluation.tiny import save_tiny_model
+
+    model_dir = save_tiny_model(tmp_path / "tiny")
+    requests = tmp_path / "requests.json"
+    requests.write_text(json.dumps([
+        {"prompt": "The capital of France is", "subject": "France", "target_new": "Rome", "ground_truth": "Paris",
+         "rephrase_prompt": "France's capital city is"},
+        {"prompt": "Bees make", "subject": "Bees", "target_new": "wax", "ground_truth": "honey"},
+    ]))
+    out = tmp_path / "yardstick.jsonl"
+    argv = ["--model", str(model_dir), "--requests", str(requests), "--out", str(out)]
+    assert paraphrase_yardstick.main(argv) == 0
+    (line,) = (json.loads(x) for x in out.read_text().splitlines())
+    assert line["records"] == [0, 2] and line["requests"] == 1  # the second record has no paraphrase
+    assert 0.0 <= line["prompt_acc"] <= 1.0 and 0.0 <= line["rephrase_acc"] <= 1.0 and line["known"] in (0, 1)
+    assert paraphrase_yardstick.main([*argv, "--start", "5"]) == 2

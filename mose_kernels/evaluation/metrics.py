@@ -21,6 +21,9 @@ Health:
     greedy generation (weights 2/3 and 4/3 as in MEMIT); low values mean repetitive text.
   - ``perplexity``: ``exp`` of the mean token NLL of a text, in non-overlapping windows.
   - ``probe_agreement``: ``locality_acc`` on a fixed set of unedited facts.
+Yardstick:
+  - ``known_fact_generalisation``: ``rephrase_acc`` of the model's own facts (the true object
+    ``o`` on the paraphrases) before any edit, overall and over the facts its prompt predicts.
 Stability, per edited weight ``W`` against its base ``W0`` (singular values ``s``, ``s0``):
   - ``fro_norm`` ``||W||_F``, ``cond`` ``s_max / s_min``, ``max_sv_rel_change``
     ``max_i |s_i - s0_i| / s0_max``, ``rel_change`` ``||W - W0||_F / ||W0||_F``.
@@ -194,6 +197,34 @@ def summarize(scores: Sequence[dict[str, float | None]]) -> dict[str, float | No
     """Mean of each metric over the requests that have it (``None`` where none has it)."""
     keys = list(dict.fromkeys(k for s in scores for k in s))
     return {k: _mean([s[k] for s in scores if s.get(k) is not None]) for k in keys}
+
+
+@torch.no_grad()
+def known_fact_generalisation(
+    model: nn.Module, tokenizer, requests: Sequence[EditRequest], batch_size: int = 32
+) -> dict[str, float | int | None]:
+    """How well the (unedited) model carries its *own* facts over to the paraphrases: the yardstick
+    for ``rephrase_acc``, since an edit that made ``o*`` as well known as the model knows ``o``
+    would score about the same.
+
+    Over the requests with a ground truth ``o`` and paraphrases: ``prompt_acc`` and
+    ``rephrase_acc`` are the token accuracies of ``o`` after ``p`` and after each ``p'``
+    (averaged per request); ``known`` counts the requests whose prompt predicts every token of
+    ``o`` (the model knows the fact) and ``known_rephrase_acc`` is ``rephrase_acc`` over those.
+    """
+    usable = [r for r in requests if r.ground_truth and r.rephrase_prompts]
+    pairs = [(p, r.ground_truth) for r in usable for p in (r.prompt, *r.rephrase_prompts)]
+    scored = iter(teacher_forced(model, tokenizer, pairs, batch_size))
+    prompt_acc, rephrase_acc, known = [], [], []
+    for r in usable:
+        prompt_acc.append(next(scored).accuracy)
+        rephrase_acc.append(_mean([next(scored).accuracy for _ in r.rephrase_prompts]))
+        if prompt_acc[-1] == 1.0:
+            known.append(rephrase_acc[-1])
+    return {
+        "requests": len(usable), "prompt_acc": _mean(prompt_acc), "rephrase_acc": _mean(rephrase_acc),
+        "known": len(known), "known_rephrase_acc": _mean(known),
+    }
 
 
 @torch.no_grad()

@@ -141,3 +141,32 @@ def test_report_names_the_keep_corpus():
     assert _settings(EditConfig(keep_corpus="model-samples").to_dict())["keep_corpus"] == "model-samples"
     assert _settings(EditConfig(keep_corpus=["a b", "c d"]).to_dict())["keep_corpus"] == "2 texts"
     assert "keep_corpus" not in _settings(EditConfig(keep_corpus_dirs=0).to_dict())
+
+
+def test_known_fact_generalisation_scores_the_true_object_on_prompt_and_paraphrases(tiny_model, tiny_tokenizer):
+    other = EditRequest(prompt="Bees make", subject="Bees", target_new="wax", ground_truth="honey",
+                        rephrase_prompts=("What bees make is", "Bees produce"))
+    no_truth = EditRequest(prompt="Bees make", subject="Bees", target_new="wax", rephrase_prompts=("Bees produce",))
+    got = metrics.known_fact_generalisation(tiny_model, tiny_tokenizer, [REQ, other, no_truth], batch_size=2)
+    acc = {}
+    for r in (REQ, other):
+        pred, tgt, _ = _direct(tiny_model, tiny_tokenizer, r.prompt, r.ground_truth)
+        para = [_direct(tiny_model, tiny_tokenizer, p, r.ground_truth)[:2] for p in r.rephrase_prompts]
+        acc[r] = (float((pred == tgt).float().mean()), sum(float((a == b).float().mean()) for a, b in para) / len(para))
+    assert got["requests"] == 2  # the request without a ground truth is left out
+    assert got["prompt_acc"] == pytest.approx((acc[REQ][0] + acc[other][0]) / 2)
+    assert got["rephrase_acc"] == pytest.approx((acc[REQ][1] + acc[other][1]) / 2)
+    known = [acc[r][1] for r in (REQ, other) if acc[r][0] == 1.0]
+    assert got["known"] == len(known)
+    assert got["known_rephrase_acc"] == (pytest.approx(sum(known) / len(known)) if known else None)
+
+
+def test_known_fact_generalisation_of_a_model_that_knows_its_facts(tiny_model, tiny_tokenizer):
+    """Overfit the tiny model on one fact's prompt and paraphrase: both are then known."""
+    from tests.editing.conftest import overfit
+
+    fact = EditRequest(prompt="The capital of France is", subject="France", target_new="Rome", ground_truth="Paris",
+                       rephrase_prompts=("France's capital city is",))
+    overfit(tiny_model, tiny_tokenizer, [(fact.prompt, "Paris"), (fact.rephrase_prompts[0], "Paris")], steps=80)
+    got = metrics.known_fact_generalisation(tiny_model, tiny_tokenizer, [fact])
+    assert got == {"requests": 1, "prompt_acc": 1.0, "rephrase_acc": 1.0, "known": 1, "known_rephrase_acc": 1.0}
