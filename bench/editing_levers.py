@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from bench.editing_throughput import counterfact_corpus, counterfact_edit_file
+from bench.measure import emit_json_line
 from mose_kernels.editing import MoseEditor, load_requests
 from mose_kernels.editing.config import keep_corpus_label
 from mose_kernels.editing.tokens import batch_prompt_targets
@@ -98,10 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         "torch_threads": torch.get_num_threads(),
         "stability": editor.stability(),
     }
-    print(json.dumps(summary), flush=True)
-    if args.out:
-        with open(args.out, "a") as f:
-            f.write(json.dumps(summary) + "\n")
+    emit_json_line(summary, args.out)
     return 0
 
 

@@ -14,13 +14,13 @@ seconds to feed every edit. Widths: LLaMA-3-8B down_proj input 14336, LLaMA-3-70
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
 
 import torch
 
+from bench.measure import emit_json_line
 from mose_kernels.editing.keep import KeepSubspace
 
 
@@ -65,11 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.max_dim is not None and not 0 < args.max_dim <= args.n:
         print(f"keep_memory: --max-dim must be in 1..{args.n}, got {args.max_dim}", file=sys.stderr)
         return 2
-    line = json.dumps(run(args.n, args.max_dim, args.edits, args.keys, args.seed))
-    print(line)
-    if args.out:
-        with open(args.out, "a") as f:
-            f.write(line + "\n")
+    emit_json_line(run(args.n, args.max_dim, args.edits, args.keys, args.seed), args.out)
     return 0
 
 

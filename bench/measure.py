@@ -16,6 +16,7 @@ Peak extra memory:
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import platform
@@ -178,3 +179,12 @@ def machine_info(device: torch.device) -> dict:
                        "multiprocessors": props.multi_processor_count, "cuda": torch.version.cuda,
                        "matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32}
     return info
+
+
+def emit_json_line(record: dict, out: str | Path | None = None) -> None:
+    """Print ``record`` as one JSON line and, if ``out`` is given, append the line to that file."""
+    line = json.dumps(record)
+    print(line, flush=True)
+    if out:
+        with open(out, "a") as f:
+            f.write(line + "\n")

@@ -14,7 +14,6 @@ Data: ``counterfact-edit.json`` from ``../shared/data`` (or ``MOSE_SHARED_DATA``
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -22,6 +21,7 @@ from pathlib import Path
 import torch
 
 from bench.editing_throughput import counterfact_edit_file
+from bench.measure import emit_json_line
 from mose_kernels.editing import load_requests
 from mose_kernels.evaluation.metrics import known_fact_generalisation
 from mose_kernels.evaluation.models import DEFAULT_MODEL, load_model
@@ -52,10 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     line = {"date": time.strftime("%Y-%m-%d", time.gmtime()), "model": args.model, "requests_file": path.name,
             "records": [args.start, args.start + len(requests)],
             **got, "seconds": round(time.perf_counter() - start, 1), "torch_threads": torch.get_num_threads()}
-    print(json.dumps(line))
-    if args.out:
-        with open(args.out, "a") as f:
-            f.write(json.dumps(line) + "\n")
+    emit_json_line(line, args.out)
     return 0
 
 
