@@ -9,6 +9,7 @@ stores ``W^T`` as ``(in, out)`` (layout ``"in_out"``). :func:`rotate_weight_` an
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -209,6 +210,24 @@ def rotate_weight_(
     kernel_side, transpose = kernel_args(layout, side, inverse)
     with torch.no_grad():
         return householder_apply_(weight, V.to(weight.device), side=kernel_side, transpose=transpose, backend=backend)
+
+
+def token_grid(x: Tensor, grid: Sequence[int], *, required: bool = True) -> Tensor | None:
+    """``x`` (a projection's input or output) as ``(B, L, ...)`` for a batch of ``(B, L)`` tokens.
+
+    Most models run their MLP on ``(B, L, d)`` activations; OPT runs it on the flattened
+    ``(B * L, d)`` tokens, which are reshaped (a view of a contiguous ``x``, so writes reach it).
+    A shape that fits neither raises ``ValueError``, or gives ``None`` if not ``required``.
+    """
+    grid = tuple(grid)
+    if x.dim() >= 3 and tuple(x.shape[:2]) == grid:
+        return x
+    if x.dim() >= 2 and x.shape[0] == math.prod(grid):
+        return x.reshape(*grid, *x.shape[1:])
+    if required:
+        raise ValueError(f"activations of shape {tuple(x.shape)} fit neither (B, L, d) nor (B * L, d) "
+                         f"for a batch of {grid} tokens")
+    return None
 
 
 def rotate_activations(x: Tensor, V: Tensor, side: str, *, backend: str = "auto") -> Tensor:

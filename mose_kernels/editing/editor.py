@@ -18,7 +18,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from mose_kernels.editing.adapters import EditTarget, capture_activations, find_edit_targets, rotate_weight_
+from mose_kernels.editing.adapters import (
+    EditTarget,
+    capture_activations,
+    find_edit_targets,
+    rotate_weight_,
+    token_grid,
+)
 from mose_kernels.editing.config import (
     MODEL_SAMPLES,
     EditConfig,
@@ -183,7 +189,7 @@ class MoseEditor:
                     x, y = io[t.name]
                     if self.config.side == "output":
                         x = y - t.bias if t.bias is not None else y
-                    out[t.name].append(x[valid.to(x.device)].double().cpu())
+                    out[t.name].append(token_grid(x, valid.shape)[valid.to(x.device)].double().cpu())
         return {name: torch.cat(v) for name, v in out.items()}
 
     def _text_batches(self, texts: Sequence[str], size: int = 16, max_tokens: int = 64) -> list[tuple[Tensor, Tensor]]:

@@ -26,7 +26,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from mose_kernels.editing.adapters import EditTarget, capture_io, find_edit_targets
+from mose_kernels.editing.adapters import EditTarget, capture_io, find_edit_targets, token_grid
 from mose_kernels.editing.editor import EditResult
 from mose_kernels.editing.requests import EditRequest
 from mose_kernels.editing.solvers.common import TargetBatch, frozen, model_device, target_nll
@@ -181,14 +181,15 @@ class RankOneEditor:
         pos = int(batch.subject_last()[0])
         with capture_io([t]) as io:
             self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
-        x, y = io[t.name][0]
+        x, y = (token_grid(a, batch.input_ids.shape) for a in io[t.name][0])
         key, base = x[0, pos].double().cpu(), y[0, pos].detach()
         delta = torch.zeros_like(base, dtype=torch.float32, requires_grad=True)
         scale = float(base.float().norm())
 
         def shift(module: nn.Module, args: tuple, out: Tensor) -> Tensor:
-            out = out.clone()
-            out[0, pos] = out[0, pos] + delta.to(out.dtype)
+            out = out.clone(memory_format=torch.contiguous_format)
+            grid = token_grid(out, batch.input_ids.shape)  # a view of out
+            grid[0, pos] = grid[0, pos] + delta.to(out.dtype)
             return out
 
         opt = torch.optim.Adam([delta], lr=self.value_lr)

@@ -97,3 +97,18 @@ def test_offloaded_weights_are_refused_with_a_reason(model):
     accelerate.cpu_offload(model, execution_device="cpu")
     with pytest.raises(ValueError, match="meta device"):
         find_edit_targets(model, [0])
+
+
+def test_token_grid_views_flattened_tokens_and_refuses_other_shapes():
+    from mose_kernels.editing.adapters import token_grid
+
+    x = torch.arange(2 * 3 * 4.0).reshape(2, 3, 4)
+    assert token_grid(x, (2, 3)) is x
+    flat = x.reshape(6, 4)
+    grid = token_grid(flat, (2, 3))
+    assert torch.equal(grid, x)
+    grid[1, 2] = -1.0  # a view: writes reach the flattened tensor
+    assert (flat[5] == -1.0).all()
+    with pytest.raises(ValueError, match=r"\(5, 4\).*\(2, 3\)"):
+        token_grid(torch.zeros(5, 4), (2, 3))
+    assert token_grid(torch.zeros(5, 4), (2, 3), required=False) is None

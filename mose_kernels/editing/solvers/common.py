@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mose_kernels.editing.adapters import EditTarget, rotate_activations
+from mose_kernels.editing.adapters import EditTarget, rotate_activations, token_grid
 from mose_kernels.editing.requests import EditRequest
 from mose_kernels.editing.tokens import batch_prompt_targets, subject_token_span
 
@@ -78,7 +78,9 @@ def _target_logits(model: nn.Module, batch: TargetBatch, valid: Tensor) -> Tenso
     plain = type(model).__name__.endswith("ForCausalLM") or type(model).__name__.endswith("LMHeadModel")
     if plain and isinstance(head, nn.Linear) and base is not None and base is not model:
         hidden = base(input_ids=batch.input_ids, attention_mask=batch.attention_mask)[0]
-        return head(hidden[:, :-1][valid])
+        logits = head(hidden[:, :-1][valid])
+        cap = getattr(model.config, "final_logit_softcapping", None)  # Gemma 2 caps its logits
+        return logits if not cap else torch.tanh(logits / cap) * cap
     logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
     return logits[:, :-1][valid]
 
@@ -109,14 +111,15 @@ def rotation_hooks(
     """Apply each target's edit to its activations while the model runs (differentiable).
 
     ``vectors(name)`` returns the current ``(k, n)`` vectors; ``positions`` (``(B, L)`` bool)
-    restricts the rotation to those tokens. Hooks are removed on exit.
+    restricts the rotation to those tokens of a batch of that shape. Hooks are removed on exit.
     """
     handles = []
 
     def rotate(x: Tensor, name: str) -> Tensor:
         out = rotate_activations(x, vectors(name).to(x.dtype), side, backend=backend)
-        if positions is not None and x.dim() == 3 and positions.shape == x.shape[:2]:
-            out = torch.where(positions.unsqueeze(-1), out, x)
+        grid = None if positions is None else token_grid(out, positions.shape, required=False)
+        if grid is not None:  # (another batch, e.g. neighbour prompts, is rotated at every token)
+            out = torch.where(positions.unsqueeze(-1), grid, token_grid(x, positions.shape)).reshape(x.shape)
         return out
 
     def pre_hook(name: str):

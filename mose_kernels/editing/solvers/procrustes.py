@@ -21,7 +21,7 @@ from dataclasses import replace
 import torch
 from torch import Tensor
 
-from mose_kernels.editing.adapters import EditTarget, capture_io
+from mose_kernels.editing.adapters import EditTarget, capture_io, token_grid
 from mose_kernels.editing.config import EditConfig
 from mose_kernels.editing.keep import KeepSubspace
 from mose_kernels.editing.requests import EditRequest
@@ -74,7 +74,8 @@ def _rotated_vectors(model, targets: Sequence[EditTarget], batch: TargetBatch, s
     out = {}
     for t in targets:
         x, y = io[t.name][0]
-        out[t.name] = x if side == "input" else (y - t.bias if t.bias is not None else y)
+        vec = x if side == "input" else (y - t.bias if t.bias is not None else y)
+        out[t.name] = token_grid(vec, batch.input_ids.shape)
     return out
 
 
@@ -107,8 +108,9 @@ def _search_targets(model, targets, batch, config, keep: Mapping[str, KeepSubspa
         return a - free + turned * scale / turned.norm(dim=-1, keepdim=True).clamp_min(1e-30)
 
     def shift(name: str, vec: Tensor) -> Tensor:
-        out = vec.clone()
-        out[rows, pos] = moved(name, vec[rows, pos], deltas[name])
+        out = vec.clone(memory_format=torch.contiguous_format)
+        grid = token_grid(out, batch.input_ids.shape)  # a view of out
+        grid[rows, pos] = moved(name, grid[rows, pos], deltas[name])
         return out
 
     handles = []
