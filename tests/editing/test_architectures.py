@@ -11,7 +11,7 @@ from torch import nn
 
 from mose_kernels.editing import EditRequest, MoseEditor
 from mose_kernels.editing.adapters import TEMPLATES, capture_io, find_edit_targets
-from mose_kernels.editing.solvers.common import TargetBatch, rotation_hooks, target_nll
+from mose_kernels.editing.solvers.common import StepWindow, TargetBatch, rotation_hooks, target_nll
 from mose_kernels.editing.tokens import encode_prompt_target
 
 from .conftest import FACTS, overfit
@@ -81,6 +81,44 @@ def test_solver_loss_is_the_models_own(arch_model, tokenizer):
     with torch.no_grad():
         loss = float(target_nll(arch_model, TargetBatch.build(tokenizer, REQUEST, [], "cpu"))[0])
     assert loss == pytest.approx(_direct_nll(arch_model, tokenizer, REQUEST), rel=1e-5)
+
+
+@pytest.mark.parametrize("side", ["input", "output"])
+def test_step_window_loss_and_gradient_equal_the_full_forward(arch_model, tokenizer, side):
+    """The gradient solver runs only the tokens from the subject on, the prefix coming from a
+    key/value cache: its loss and gradients must equal the full forward's, whatever the cache type,
+    position embedding or padding (rows with context prefixes are longer)."""
+    targets = find_edit_targets(arch_model, [0, 1])
+    request = EditRequest("Today we learn that the capital of France is", "France", "Rome")
+    batch = TargetBatch.build(tokenizer, request, ["A fact.", "Read this short fact about France."], "cpu")
+    positions = batch.positions("subject")
+    window = StepWindow.build(arch_model, batch, positions)
+    assert window.start >= 3 and window.cache is not None
+    torch.manual_seed(1)
+    V = torch.randn(4, targets[0].dim(side), requires_grad=True)
+
+    def loss_and_grad(step_window):
+        V.grad = None
+        mask = positions if step_window is None else step_window.positions(positions)
+        with torch.enable_grad(), rotation_hooks(targets, lambda name: V, side, mask):
+            loss, hit, _ = target_nll(arch_model, batch, step_window)
+            loss.backward()
+        return float(loss), hit, V.grad.clone()
+
+    full, full_hit, full_grad = loss_and_grad(None)
+    for _ in range(2):  # the cache is reused, never extended in place
+        part, part_hit, part_grad = loss_and_grad(window)
+        assert part == pytest.approx(full, rel=1e-5) and part_hit == full_hit
+        torch.testing.assert_close(part_grad, full_grad, rtol=1e-4, atol=1e-6 * float(full_grad.abs().max()))
+
+
+def test_step_window_without_positions_runs_every_token(arch_model, tokenizer):
+    batch = TargetBatch.build(tokenizer, REQUEST, [], "cpu")
+    window = StepWindow.build(arch_model, batch, None)
+    assert (window.start, window.cache) == (0, None)
+    with torch.no_grad():
+        assert float(target_nll(arch_model, batch, window)[0]) == pytest.approx(
+            float(target_nll(arch_model, batch)[0]), rel=1e-6)
 
 
 @pytest.mark.parametrize("solver", ["gradient", "procrustes"])

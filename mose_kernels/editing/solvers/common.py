@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import copy
+import inspect
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -71,26 +74,85 @@ class TargetBatch:
         return cls(ids, mask, labels, subject)
 
 
-def _target_logits(model: nn.Module, batch: TargetBatch, valid: Tensor) -> Tensor:
-    """Logits at the positions that predict target tokens only (``(N, vocab)``): the LM head is
-    applied to those hidden states alone when the model exposes its base and head (cheaper)."""
+@dataclass(frozen=True)
+class StepWindow:
+    """The tokens an optimisation step runs the model on: ``[start, L - 1)`` of a :class:`TargetBatch`.
+
+    When an edit acts on some positions only (``edit_positions="subject"``), the tokens before the
+    first of them see neither the rotation nor, under causal attention, anything after them: their
+    keys and values are computed once per solve (``cache``) instead of at every step. The last
+    token predicts nothing that is scored, so it is not run either. Exact: the loss equals the
+    full forward's up to float rounding.
+    """
+
+    start: int
+    cache: Any | None
+
+    @classmethod
+    def build(cls, model: nn.Module, batch: TargetBatch, positions: Tensor | None) -> StepWindow:
+        """The window of ``batch`` for an edit acting on ``positions`` (``None``: every token), with
+        the cache computed on ``model`` as it is now (call it outside the rotation hooks)."""
+        if positions is None or not bool(positions.any(dim=1).all()):
+            return cls(0, None)
+        start = int(positions.to(torch.int8).argmax(dim=1).min())
+        if start == 0:
+            return cls(0, None)
+        body = _causal_body(model)
+        try:
+            with torch.no_grad():
+                out = body(input_ids=batch.input_ids[:, :start], attention_mask=batch.attention_mask[:, :start],
+                           use_cache=True)
+        except (TypeError, ValueError):  # a model without a key/value cache runs every token
+            return cls(0, None)
+        cache = getattr(out, _cache_argument(body), None)
+        if cache is None:
+            cache = getattr(out, "past_key_values", None)
+        return cls(0, None) if cache is None else cls(start, cache)
+
+    def positions(self, mask: Tensor | None) -> Tensor | None:
+        """``mask`` (``(B, L)``) restricted to the window's tokens, for :func:`rotation_hooks`."""
+        return None if mask is None else mask[:, self.start : -1]
+
+
+def _cache_argument(module: nn.Module) -> str:
+    """Name of the key/value cache argument of ``module.forward``: ``cache`` (transformers >= 5.24)
+    or ``past_key_values``."""
+    return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
+
+
+def _causal_body(model: nn.Module) -> nn.Module:
+    """The model without its LM head when it exposes both (cheaper: the head is applied to the
+    target-predicting hidden states alone), else the model itself."""
     head, base = model.get_output_embeddings(), getattr(model, "base_model", None)
     plain = type(model).__name__.endswith("ForCausalLM") or type(model).__name__.endswith("LMHeadModel")
-    if plain and isinstance(head, nn.Linear) and base is not None and base is not model:
-        hidden = base(input_ids=batch.input_ids, attention_mask=batch.attention_mask)[0]
-        logits = head(hidden[:, :-1][valid])
-        cap = getattr(model.config, "final_logit_softcapping", None)  # Gemma 2 caps its logits
-        return logits if not cap else torch.tanh(logits / cap) * cap
-    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-    return logits[:, :-1][valid]
+    return base if plain and isinstance(head, nn.Linear) and base is not None and base is not model else model
 
 
-def target_nll(model: nn.Module, batch: TargetBatch) -> tuple[Tensor, bool, Tensor]:
+def _target_logits(model: nn.Module, batch: TargetBatch, valid: Tensor, window: StepWindow | None) -> Tensor:
+    """Logits at the positions that predict target tokens only (``(N, vocab)``)."""
+    body = _causal_body(model)
+    if window is None:
+        ids, mask, extra = batch.input_ids, batch.attention_mask, {}
+    else:
+        ids, mask = batch.input_ids[:, window.start : -1], batch.attention_mask[:, :-1]
+        extra = {"use_cache": False} if window.cache is None else {
+            _cache_argument(body): copy.deepcopy(window.cache), "use_cache": True}
+    if body is model:
+        logits = model(input_ids=ids, attention_mask=mask, **extra).logits
+        return logits[:, : valid.shape[1]][valid]
+    hidden = body(input_ids=ids, attention_mask=mask, **extra)[0]
+    logits = model.get_output_embeddings()(hidden[:, : valid.shape[1]][valid])
+    cap = getattr(model.config, "final_logit_softcapping", None)  # Gemma 2 caps its logits
+    return logits if not cap else torch.tanh(logits / cap) * cap
+
+
+def target_nll(model: nn.Module, batch: TargetBatch, window: StepWindow | None = None) -> tuple[Tensor, bool, Tensor]:
     """Mean (over rows) of each row's mean target-token NLL; whether row 0's target tokens are
-    all the argmax; and the log-probabilities at the target-predicting positions (``(N, vocab)``)."""
-    labels = batch.labels[:, 1:]
+    all the argmax; and the log-probabilities at the target-predicting positions (``(N, vocab)``).
+    ``window``: run only those tokens (:class:`StepWindow`); ``None``: the whole batch."""
+    labels = batch.labels[:, 1 + (window.start if window is not None else 0):]
     valid = labels != -100
-    logp = F.log_softmax(_target_logits(model, batch, valid).float(), dim=-1)
+    logp = F.log_softmax(_target_logits(model, batch, valid, window).float(), dim=-1)
     picked = logp.gather(-1, labels[valid].unsqueeze(-1)).squeeze(-1)
     rows = torch.nonzero(valid)[:, 0]
     counts = valid.sum(1).clamp_min(1).to(picked.dtype)

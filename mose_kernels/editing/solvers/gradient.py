@@ -5,7 +5,8 @@ The rotation acts on the activations during optimisation (input side: ``y = W (Q
 formed. The vectors start as equal pairs (``H(u) H(u) = I``, the edit starts at the identity) and
 live in the orthogonal complement of the keep subspace: the projection is part of the forward,
 so gradients are projected too. Loss: mean NLL of the target tokens (prompt masked), optionally
-averaged over context prefixes, plus an optional KL term on neighbourhood prompts.
+averaged over context prefixes, plus an optional KL term on neighbourhood prompts. Each step runs
+only the tokens the edit can change (:class:`StepWindow`: the prefix before the subject is cached).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from mose_kernels.editing.requests import EditRequest
 from mose_kernels.editing.solvers.common import (
     EditError,
     SolveResult,
+    StepWindow,
     TargetBatch,
     finalize_vectors,
     frozen,
@@ -102,9 +104,10 @@ def solve(
             with torch.no_grad():
                 base_logits = model(input_ids=n_ids, attention_mask=n_mask).logits[rows, n_last]
                 base_logp = F.log_softmax(base_logits.float(), -1)
-        with rotation_hooks(targets, effective, config.side, positions, config.backend):
+        window = StepWindow.build(model, batch, positions)  # before the hooks: the unedited prefix
+        with rotation_hooks(targets, effective, config.side, window.positions(positions), config.backend):
             for step in range(config.steps + 1):
-                loss, success, _ = target_nll(model, batch)
+                loss, success, _ = target_nll(model, batch, window)
                 loss_value = float(loss.detach())
                 if not torch.isfinite(loss):
                     raise EditError(f"non-finite loss at step {step} for request {request.case_id or request.prompt!r}")
