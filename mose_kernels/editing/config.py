@@ -11,6 +11,7 @@ from typing import Any
 from mose_kernels.editing.adapters import EDIT_SIDES, num_layers
 
 SOLVERS = ("gradient", "procrustes")
+OPTIMIZERS = ("adam", "ngd")
 EDIT_POSITIONS = ("all", "subject", "subject_last")
 PRESET_DIR = Path(__file__).resolve().parent / "presets"
 KEEP_CORPUS_FILE = Path(__file__).resolve().parent.parent / "data" / "keep_corpus.txt"
@@ -29,7 +30,11 @@ class EditConfig:
         side: ``"input"`` (``W <- W Q^T``, acts on keys) or ``"output"`` (``W <- Q W``, acts on values).
         num_reflections: Householder vectors per edit and layer (gradient solver; even: pairs).
         steps: most optimisation steps per edit (gradient solver; also the value search of procrustes).
-        lr: Adam learning rate.
+        lr: learning rate of the gradient solver's optimiser (and of the procrustes value search).
+        optimizer: gradient solver: ``"adam"``, or ``"ngd"`` (normalised gradient descent with
+            momentum 0.8: each step moves a layer's vectors by ``lr`` times their norm along the
+            momentum-averaged gradient's direction, where Adam's first steps move every
+            coordinate by ``lr``, the gradient's signs).
         stop_loss: stop once every target token is the argmax and the mean target NLL is below this.
         edit_positions: ``"all"`` tokens see the rotation while solving, only the ``"subject"``'s,
             or only the subject's last token (``"subject_last"``, ROME's key position).
@@ -78,6 +83,7 @@ class EditConfig:
     num_reflections: int = 8
     steps: int = 25
     lr: float = 3e-2
+    optimizer: str = "adam"
     stop_loss: float = float("inf")
     edit_positions: str = "all"
     context_prefixes: list[str] = field(default_factory=list)
@@ -104,6 +110,8 @@ class EditConfig:
             raise ValueError(f"solver must be one of {SOLVERS}, got {self.solver!r}")
         if self.side not in EDIT_SIDES:
             raise ValueError(f"side must be one of {EDIT_SIDES}, got {self.side!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         if self.edit_positions not in EDIT_POSITIONS:
             raise ValueError(f"edit_positions must be one of {EDIT_POSITIONS}, got {self.edit_positions!r}")
         if self.layers is not None:

@@ -11,6 +11,7 @@ from mose_kernels.editing import EditConfig, EditError, EditJournal, EditRequest
 from mose_kernels.editing.config import preset_for
 from mose_kernels.editing.solvers import procrustes
 from mose_kernels.editing.solvers.common import TargetBatch, target_nll
+from mose_kernels.editing.solvers.gradient import NormalizedMomentum
 
 from .conftest import FACTS
 
@@ -207,6 +208,29 @@ def test_keyword_form_and_one_liner(model, tokenizer):
     assert [r.edit_id for r in batch] == [2, 3]
 
 
+def test_gradient_solver_with_normalised_momentum_takes_and_keeps_the_spectrum(model, tokenizer):
+    editor = MoseEditor(model, tokenizer, _config(optimizer="ngd", lr=0.05))
+    before = {t.name: torch.linalg.svdvals(t.weight.detach().double()) for t in editor.targets}
+    nll_before = _nll(model, tokenizer, NEW_FACTS[0])[0]
+    result = editor.edit(NEW_FACTS[0])[0]
+    nll_after, hit = _nll(model, tokenizer, NEW_FACTS[0])
+    assert result.success and hit and nll_after < nll_before - 1.0
+    for t in editor.targets:
+        after = torch.linalg.svdvals(t.weight.detach().double())
+        assert ((after - before[t.name]).abs() / before[t.name][0]).max() < 1e-5
+
+
+def test_normalised_momentum_steps_along_the_gradient_at_a_relative_size():
+    p = torch.tensor([3.0, 4.0], requires_grad=True)  # |p| = 5
+    opt = NormalizedMomentum([p], lr=0.1, momentum=0.5)
+    # first step: 0.1 |p| = 0.5 along -e_2; second: 0.1 (|p'| + half the first buffer, 0.5 * 5)
+    second = 3.5 - 0.1 * ((3.0**2 + 3.5**2) ** 0.5 + 0.5 * 5.0)
+    for expected in ([3.0, 3.5], [3.0, second]):
+        p.grad = torch.tensor([0.0, 1e-3])  # the gradient's size does not matter, only its direction
+        opt.step()
+        torch.testing.assert_close(p.detach(), torch.tensor(expected))
+
+
 def test_bad_requests_and_config(model, tokenizer):
     editor = MoseEditor(model, tokenizer, _config(steps=5))
     with pytest.raises(ValueError, match="does not occur"):
@@ -219,6 +243,8 @@ def test_bad_requests_and_config(model, tokenizer):
         EditConfig.from_dict({"layer": [1]})
     with pytest.raises(ValueError, match="solver"):
         EditConfig(solver="rome")
+    with pytest.raises(ValueError, match="optimizer must be one of"):
+        EditConfig(optimizer="sgd")
     with pytest.raises(ValueError, match="even"):
         MoseEditor(model, tokenizer, _config(num_reflections=3)).edit(NEW_FACTS[0])
     assert len(editor.journal) == 0

@@ -1,4 +1,5 @@
-"""Gradient solver: ``k`` fresh Householder reflections per edit and layer, learned with Adam.
+"""Gradient solver: ``k`` fresh Householder reflections per edit and layer, learned with Adam or
+normalised gradient descent with momentum (``EditConfig.optimizer``).
 
 The rotation acts on the activations during optimisation (input side: ``y = W (Q^T x)``, i.e.
 ``x Q`` on token rows) through ``householder_apply``'s autograd, so no ``n x n`` matrix is ever
@@ -36,6 +37,31 @@ from mose_kernels.editing.tokens import batch_prompts
 from mose_kernels.reference import wy_factor_ref
 
 logger = logging.getLogger(__name__)
+
+
+class NormalizedMomentum(torch.optim.Optimizer):
+    """Normalised gradient descent with heavy-ball momentum: per parameter, the buffer
+    ``b <- momentum b + |p| g / |g|`` and the step ``p <- p - lr b``. The step follows the
+    gradient's direction at a size relative to the parameter (Householder vectors act through
+    their direction only), where Adam's early steps are the gradient's signs, spread evenly over
+    every coordinate."""
+
+    def __init__(self, params, lr: float, momentum: float = 0.8) -> None:
+        super().__init__(params, {"lr": lr, "momentum": momentum})
+
+    @torch.no_grad()
+    def step(self) -> None:
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                direction = p.grad * (p.norm() / p.grad.norm().clamp_min(1e-30))
+                state = self.state[p]
+                if "buffer" not in state:
+                    state["buffer"] = direction.clone()
+                else:
+                    state["buffer"].mul_(group["momentum"]).add_(direction)
+                p.sub_(state["buffer"], alpha=group["lr"])
 
 
 def output_change(x: torch.Tensor, V: torch.Tensor, weight: torch.Tensor, side: str) -> torch.Tensor:
@@ -95,7 +121,10 @@ def solve(
 
     positions = batch.positions(config.edit_positions)
     use_kl = config.kl_weight > 0 and len(neighbour_prompts) > 0
-    opt = torch.optim.Adam(params.values(), lr=config.lr)
+    if config.optimizer == "ngd":
+        opt = NormalizedMomentum(params.values(), lr=config.lr)
+    else:
+        opt = torch.optim.Adam(params.values(), lr=config.lr)
     loss_value, success, step = float("nan"), False, 0
     with frozen(model), torch.enable_grad():
         if use_kl:
