@@ -30,7 +30,7 @@ class EditConfig:
         side: ``"input"`` (``W <- W Q^T``, acts on keys) or ``"output"`` (``W <- Q W``, acts on values).
         num_reflections: Householder vectors per edit and layer (gradient solver; even: pairs).
         steps: most optimisation steps per edit (gradient solver; also the value search of procrustes).
-        lr: learning rate of the gradient solver's optimiser (and of the procrustes value search).
+        lr: learning rate of the gradient solver's optimiser.
         optimizer: gradient solver: ``"adam"``, or ``"ngd"`` (normalised gradient descent with
             momentum 0.8: each step moves a layer's vectors by ``lr`` times their norm along the
             momentum-averaged gradient's direction, where Adam's first steps move every
