@@ -101,7 +101,7 @@ def teacher_forced(
         chunk = list(pairs[start : start + batch_size])
         ids, mask, labels = batch_prompt_targets(tokenizer, chunk, device)
         logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
-        shifted = labels[:, 1:]
+        shifted = labels[:, 1:].to(logits.device)  # the head's device under a device_map
         logp = F.log_softmax(logits, dim=-1)
         argmax = logits.argmax(-1)
         for row in range(len(chunk)):
@@ -255,7 +255,7 @@ def perplexity(model: nn.Module, tokenizer, text: str, window: int = 256) -> flo
         if chunk.shape[1] < 2:
             break
         logits = model(input_ids=chunk).logits[0, :-1].float()
-        total += float(F.cross_entropy(logits, chunk[0, 1:], reduction="sum"))
+        total += float(F.cross_entropy(logits, chunk[0, 1:].to(logits.device), reduction="sum"))
         count += chunk.shape[1] - 1
     return math.exp(total / count)
 

@@ -529,3 +529,60 @@ def test_a_loaded_journal_keeps_its_subspaces_with_the_corpus_penalty(model, tok
     for name, k in editor._keep.items():
         assert torch.equal(keep[name].edits, k.edits) and torch.equal(keep[name].corpus, k.corpus)
     assert resumed._corpus_acts is not None and set(resumed._corpus_acts) == set(keep)
+
+
+def _dispatched(model):
+    """``model`` dispatched by accelerate block by block (every block on the CPU, with the hooks
+    that move activations between devices under ``device_map="auto"``)."""
+    accelerate = pytest.importorskip("accelerate")
+    blocks = [n for n, m in model.named_modules() if type(m).__name__ in (model._no_split_modules or [])]
+    device_map = dict.fromkeys(blocks, "cpu")
+    for name, _ in model.named_parameters(remove_duplicate=False):  # tied heads too
+        if not any(name.startswith(b + ".") for b in blocks):
+            device_map[name.rsplit(".", 1)[0]] = "cpu"
+    assert blocks, "the test models name their blocks in _no_split_modules"
+    out = accelerate.dispatch_model(model, device_map=device_map, main_device="cpu", force_hooks=True)
+    assert hasattr(out.get_submodule(blocks[0]), "_hf_hook")
+    return out
+
+
+@pytest.mark.parametrize("solver", ["gradient", "procrustes"])
+def test_a_model_dispatched_by_accelerate_edits_and_undoes_like_a_plain_one(model, tokenizer, solver):
+    plain = copy.deepcopy(model)
+    dispatched = _dispatched(model)
+    config = _config(solver, steps=10, value_steps=10, corpus_weight=100.0, kl_weight=1.0,
+                     neighbour_prompts=["The capital of Italy is"], edit_positions="subject")
+    facts = NEW_FACTS[:2] if solver == "gradient" else [replace(r, subject=r.prompt) for r in NEW_FACTS[:2]]
+    editors = [MoseEditor(m, tokenizer, config) for m in (plain, dispatched)]
+    w0 = _weights(editors[0])
+    results = [e.edit(facts) for e in editors]
+    assert [r.steps for r in results[0]] == [r.steps for r in results[1]]
+    for a, b in zip(editors[0].targets, editors[1].targets, strict=True):
+        torch.testing.assert_close(b.weight, a.weight, rtol=0, atol=1e-6)
+        assert not torch.equal(b.weight, w0[a.name])
+    editors[1].undo()
+    editors[1].undo()
+    for t in editors[1].targets:
+        torch.testing.assert_close(t.weight, w0[t.name], rtol=0, atol=1e-6)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices (a model split by a device_map)")
+@pytest.mark.parametrize("solver", ["gradient", "procrustes"])
+def test_a_model_split_over_two_gpus_edits_like_one_on_a_single_device(model, tokenizer, solver):
+    accelerate = pytest.importorskip("accelerate")
+    single = copy.deepcopy(model).to("cuda:0")
+    blocks = [n for n, m in model.named_modules() if type(m).__name__ in (model._no_split_modules or [])]
+    device_map = {b: f"cuda:{int(i >= len(blocks) // 2)}" for i, b in enumerate(blocks)}
+    for name, _ in model.named_parameters(remove_duplicate=False):
+        if not any(name.startswith(b + ".") for b in blocks):
+            device_map[name.rsplit(".", 1)[0]] = "cuda:1"
+    split = accelerate.dispatch_model(model, device_map=device_map)
+    config = _config(solver, steps=10, value_steps=10, corpus_weight=100.0, kl_weight=1.0,
+                     neighbour_prompts=["The capital of Italy is"], edit_positions="subject")
+    facts = NEW_FACTS[:2] if solver == "gradient" else [replace(r, subject=r.prompt) for r in NEW_FACTS[:2]]
+    editors = [MoseEditor(m, tokenizer, config) for m in (single, split)]
+    for e in editors:
+        e.edit(facts)
+    assert len({t.weight.device for t in editors[1].targets}) == 2
+    for a, b in zip(editors[0].targets, editors[1].targets, strict=True):
+        torch.testing.assert_close(b.weight.cpu(), a.weight.cpu(), rtol=1e-4, atol=1e-5)

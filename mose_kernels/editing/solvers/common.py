@@ -139,9 +139,9 @@ def _target_logits(model: nn.Module, batch: TargetBatch, valid: Tensor, window: 
             _cache_argument(body): copy.deepcopy(window.cache), "use_cache": True}
     if body is model:
         logits = model(input_ids=ids, attention_mask=mask, **extra).logits
-        return logits[:, : valid.shape[1]][valid]
+        return logits[:, : valid.shape[1]][valid.to(logits.device)]
     hidden = body(input_ids=ids, attention_mask=mask, **extra)[0]
-    logits = model.get_output_embeddings()(hidden[:, : valid.shape[1]][valid])
+    logits = model.get_output_embeddings()(hidden[:, : valid.shape[1]][valid.to(hidden.device)])
     cap = getattr(model.config, "final_logit_softcapping", None)  # Gemma 2 caps its logits
     return logits if not cap else torch.tanh(logits / cap) * cap
 
@@ -153,6 +153,7 @@ def target_nll(model: nn.Module, batch: TargetBatch, window: StepWindow | None =
     labels = batch.labels[:, 1 + (window.start if window is not None else 0):]
     valid = labels != -100
     logp = F.log_softmax(_target_logits(model, batch, valid, window).float(), dim=-1)
+    labels, valid = labels.to(logp.device), valid.to(logp.device)  # the head's device under a device_map
     picked = logp.gather(-1, labels[valid].unsqueeze(-1)).squeeze(-1)
     rows = torch.nonzero(valid)[:, 0]
     counts = valid.sum(1).clamp_min(1).to(picked.dtype)
@@ -181,7 +182,8 @@ def rotation_hooks(
         out = rotate_activations(x, vectors(name).to(x.dtype), side, backend=backend)
         grid = None if positions is None else token_grid(out, positions.shape, required=False)
         if grid is not None:  # (another batch, e.g. neighbour prompts, is rotated at every token)
-            out = torch.where(positions.unsqueeze(-1), grid, token_grid(x, positions.shape)).reshape(x.shape)
+            where = positions.to(out.device).unsqueeze(-1)  # the layer's device under a device_map
+            out = torch.where(where, grid, token_grid(x, positions.shape)).reshape(x.shape)
         return out
 
     def pre_hook(name: str):

@@ -64,6 +64,13 @@ class NormalizedMomentum(torch.optim.Optimizer):
                 p.sub_(state["buffer"], alpha=group["lr"])
 
 
+def last_logits(model, ids: torch.Tensor, mask: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+    """Float logits at each row's ``last`` position (indices moved to the head's device)."""
+    logits = model(input_ids=ids, attention_mask=mask).logits
+    rows = torch.arange(ids.shape[0], device=logits.device)
+    return logits[rows, last.to(logits.device)].float()
+
+
 def output_change(x: torch.Tensor, V: torch.Tensor, weight: torch.Tensor, side: str) -> torch.Tensor:
     """``sum_rows ||W (Q^T x - x)||^2`` (input side) or ``||Q y - y||^2`` (output side, ``x = y``)
     for ``Q = H(v_1)...H(v_k)``, from the compact WY form ``Q = I - V^T T V``: the change of a
@@ -115,8 +122,9 @@ def solve(
 
     def corpus_change() -> torch.Tensor:
         """Mean over layers of the edit's relative change of the corpus outputs (squared)."""
-        total = sum(output_change(samples[t.name], effective(t.name), weights[t.name], config.side) / scale[t.name]
-                    for t in targets)
+        device = targets[-1].weight.device  # summed on one device: layers may sit on several
+        total = sum((output_change(samples[t.name], effective(t.name), weights[t.name], config.side) / scale[t.name]
+                     ).to(device) for t in targets)
         return total / len(targets)
 
     positions = batch.positions(config.edit_positions)
@@ -129,10 +137,8 @@ def solve(
     with frozen(model), torch.enable_grad():
         if use_kl:
             n_ids, n_mask, n_last = batch_prompts(tokenizer, list(neighbour_prompts), device)
-            rows = torch.arange(n_ids.shape[0], device=device)
             with torch.no_grad():
-                base_logits = model(input_ids=n_ids, attention_mask=n_mask).logits[rows, n_last]
-                base_logp = F.log_softmax(base_logits.float(), -1)
+                base_logp = F.log_softmax(last_logits(model, n_ids, n_mask, n_last), -1)
         window = StepWindow.build(model, batch, positions)  # before the hooks: the unedited prefix
         with rotation_hooks(targets, effective, config.side, window.positions(positions), config.backend):
             for step in range(config.steps + 1):
@@ -144,11 +150,11 @@ def solve(
                     break
                 total = loss
                 if use_kl:
-                    logits = model(input_ids=n_ids, attention_mask=n_mask).logits[rows, n_last].float()
+                    logits = last_logits(model, n_ids, n_mask, n_last)
                     kl = F.kl_div(F.log_softmax(logits, -1), base_logp, log_target=True, reduction="batchmean")
                     total = total + config.kl_weight * kl
                 if use_corpus:
-                    total = total + config.corpus_weight * corpus_change()
+                    total = total + config.corpus_weight * corpus_change().to(total.device)
                 opt.zero_grad(set_to_none=True)
                 total.backward()
                 opt.step()

@@ -90,7 +90,8 @@ def _search_targets(model, targets, batch, config, keep: Mapping[str, KeepSubspa
     pos = batch.subject_last()
     if vectors is None:
         vectors = _rotated_vectors(model, targets, batch, side)
-    base = {t.name: vectors[t.name][rows, pos].float() for t in targets}
+    base = {t.name: vectors[t.name][rows.to(vectors[t.name].device), pos.to(vectors[t.name].device)].float()
+            for t in targets}
     deltas = {t.name: torch.zeros(t.dim(side), device=t.weight.device, requires_grad=True) for t in targets}
     bases = {}
     for t in targets:
@@ -110,7 +111,8 @@ def _search_targets(model, targets, batch, config, keep: Mapping[str, KeepSubspa
     def shift(name: str, vec: Tensor) -> Tensor:
         out = vec.clone(memory_format=torch.contiguous_format)
         grid = token_grid(out, batch.input_ids.shape)  # a view of out
-        grid[rows, pos] = moved(name, grid[rows, pos], deltas[name])
+        at = (rows.to(grid.device), pos.to(grid.device))  # the layer's device under a device_map
+        grid[at] = moved(name, grid[at], deltas[name])
         return out
 
     handles = []
