@@ -87,6 +87,7 @@ class StepWindow:
 
     start: int
     cache: Any | None
+    cache_argument: str = "past_key_values"  # the name the model's body takes ``cache`` under
 
     @classmethod
     def build(cls, model: nn.Module, batch: TargetBatch, positions: Tensor | None) -> StepWindow:
@@ -104,10 +105,11 @@ class StepWindow:
                            use_cache=True)
         except (TypeError, ValueError):  # a model without a key/value cache runs every token
             return cls(0, None)
-        cache = getattr(out, _cache_argument(body), None)
+        argument = _cache_argument(body)
+        cache = getattr(out, argument, None)
         if cache is None:
             cache = getattr(out, "past_key_values", None)
-        return cls(0, None) if cache is None else cls(start, cache)
+        return cls(0, None) if cache is None else cls(start, cache, argument)
 
     def positions(self, mask: Tensor | None) -> Tensor | None:
         """``mask`` (``(B, L)``) restricted to the window's tokens, for :func:`rotation_hooks`."""
@@ -136,7 +138,7 @@ def _target_logits(model: nn.Module, batch: TargetBatch, valid: Tensor, window: 
     else:
         ids, mask = batch.input_ids[:, window.start : -1], batch.attention_mask[:, :-1]
         extra = {"use_cache": False} if window.cache is None else {
-            _cache_argument(body): copy.deepcopy(window.cache), "use_cache": True}
+            window.cache_argument: copy.deepcopy(window.cache), "use_cache": True}
     if body is model:
         logits = model(input_ids=ids, attention_mask=mask, **extra).logits
         return logits[:, : valid.shape[1]][valid.to(logits.device)]
