@@ -31,6 +31,21 @@ def test_principal_directions_span_the_top_singular_vectors(rows, n):
     assert principal_directions(x, 0).shape == (n, 0)
 
 
+
+@pytest.mark.parametrize("rows, n", [(300, 100), (90, 250)])
+def test_principal_directions_beyond_the_exact_limit_use_a_randomized_svd(rows, n):
+    """Past ``exact_limit`` the top directions come from a randomized SVD of the float32 samples:
+    the same subspace as the exact float64 path when the spectrum has a gap, orthonormal in float64."""
+    g = torch.Generator().manual_seed(n)
+    count = 6
+    signal = torch.randn(rows, count, generator=g) @ torch.randn(count, n, generator=g) * 10
+    x = (signal + 0.1 * torch.randn(rows, n, generator=g)).float()
+    exact = principal_directions(x, count)
+    fast = principal_directions(x, count, exact_limit=min(rows, n) - 1)
+    assert fast.dtype == torch.float64 and fast.shape == (n, count) and _orthonormality_error(fast) < 1e-12
+    # the same subspace: every exact direction lies in the fast span
+    assert float((exact - fast @ (fast.T @ exact)).norm()) < 1e-4
+
 def test_add_holds_the_keys_exactly_below_capacity():
     keep = KeepSubspace.empty(48, capacity=1.0).with_corpus(_keys(100, 48, 0), 4)
     keys = _keys(9, 48, 1, rank=5)
