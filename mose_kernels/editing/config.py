@@ -44,6 +44,9 @@ class EditConfig:
         corpus_weight: weight of a penalty on the edit's relative change (squared) of the keep
             corpus's outputs at the edited layers: the soft counterpart of the hard corpus
             directions, acting on everything outside them (gradient solver; ``0``: off).
+        edit_keys_weight: weight of the same penalty on earlier edits' keys (a seeded uniform
+            sample of at most 8192 per layer): the soft counterpart of the keep subspace's edit
+            part, acting on what its compression released (gradient solver; ``0``: off).
         keep_edits: protect earlier edits' keys (their projection inputs at all positions).
         keep_tol: a key's component outside the keep subspace is added when above this fraction
             of the key batch's largest singular value.
@@ -90,6 +93,7 @@ class EditConfig:
     kl_weight: float = 0.0
     neighbour_prompts: list[str] = field(default_factory=list)
     corpus_weight: float = 0.0
+    edit_keys_weight: float = 0.0
     keep_edits: bool = True
     keep_tol: float = 1e-3
     keep_corpus_dirs: int = 64
@@ -126,8 +130,9 @@ class EditConfig:
             raise ValueError(f"keep_max_dim must be a positive int or None, got {self.keep_max_dim!r}")
         if not isinstance(self.keep_neighbours, int) or self.keep_neighbours < 0:
             raise ValueError(f"keep_neighbours must be a non-negative int, got {self.keep_neighbours!r}")
-        if self.corpus_weight < 0 or self.kl_weight < 0:
-            raise ValueError(f"corpus_weight and kl_weight must be >= 0, got {self.corpus_weight}, {self.kl_weight}")
+        if self.corpus_weight < 0 or self.kl_weight < 0 or self.edit_keys_weight < 0:
+            raise ValueError(f"corpus_weight, edit_keys_weight and kl_weight must be >= 0, got {self.corpus_weight}, "
+                             f"{self.edit_keys_weight}, {self.kl_weight}")
         if self.keep_corpus_dirs < 0 or self.keep_tol < 0 or self.lr <= 0:
             raise ValueError("keep_corpus_dirs and keep_tol must be >= 0 and lr > 0")
         self.context_prefixes = list(self.context_prefixes)

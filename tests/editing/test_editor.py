@@ -586,3 +586,63 @@ def test_a_model_split_over_two_gpus_edits_like_one_on_a_single_device(model, to
     assert len({t.weight.device for t in editors[1].targets}) == 2
     for a, b in zip(editors[0].targets, editors[1].targets, strict=True):
         torch.testing.assert_close(b.weight.cpu(), a.weight.cpu(), rtol=1e-4, atol=1e-5)
+
+
+def _bank_change(editor, bank) -> float:
+    """The last edit's relative change (squared) of the outputs of ``bank``'s keys, summed over layers."""
+    from mose_kernels.editing.adapters import rotate_activations
+
+    entry, total = editor.journal.entries[-1], 0.0
+    for t in editor.targets:
+        x = bank[t.name]
+        w = (t.weight if t.weight_layout == "out_in" else t.weight.T).detach().float()
+        d = rotate_activations(x, entry.vectors[t.name].float(), "input") - x
+        total += float((d @ w.T).pow(2).sum() / (x @ w.T).pow(2).sum())
+    return total
+
+
+def test_edit_keys_weight_holds_earlier_edits_outputs_the_keep_subspace_released(model, tokenizer):
+    """Without the hard keep subspace (as after its compression), the penalty on earlier edits'
+    banked keys shrinks how much a later edit changes their outputs."""
+    changes = []
+    for weight in (0.0, 100.0):
+        editor = MoseEditor(copy.deepcopy(model), tokenizer,
+                            _config(keep_edits=False, keep_corpus_dirs=0, edit_keys_weight=weight, lr=0.05))
+        editor.edit(NEW_FACTS[:2])
+        bank = editor._edit_keys(NEW_FACTS[:2])
+        if weight:
+            assert all(editor._key_bank[name].shape == keys.shape for name, keys in bank.items())
+        nll_before = _nll(editor.model, tokenizer, NEW_FACTS[2])[0]
+        editor.edit(NEW_FACTS[2])
+        assert _nll(editor.model, tokenizer, NEW_FACTS[2])[0] < nll_before - 1.0
+        changes.append(_bank_change(editor, bank))
+    assert changes[1] < 0.5 * changes[0], changes
+    with pytest.raises(ValueError, match="edit_keys_weight"):
+        EditConfig(edit_keys_weight=-1.0)
+
+
+def test_key_bank_is_a_bounded_uniform_sample_restored_by_a_failed_edit(model, tokenizer, monkeypatch):
+    import mose_kernels.editing.editor as editor_module
+
+    monkeypatch.setattr(editor_module, "KEY_BANK_ROWS", 7)
+    editor = MoseEditor(model, tokenizer, _config(steps=5, edit_keys_weight=10.0))
+    editor.edit(NEW_FACTS[:2])
+    seen = editor._keys_seen
+    assert seen > 7 and all(keys.shape[0] == 7 for keys in editor._key_bank.values())
+    bank, keys_seen = editor._key_bank, editor._keys_seen
+    real = editor._run_solver
+
+    def nan_solver(*args, **kwargs):
+        result = real(*args, **kwargs)
+        result.vectors = {k: v * float("nan") for k, v in result.vectors.items()}
+        return result
+
+    monkeypatch.setattr(editor, "_run_solver", nan_solver)
+    with pytest.raises(ValueError, match="NaN"):
+        editor.edit(NEW_FACTS[2])
+    assert editor._key_bank is bank and editor._keys_seen == keys_seen
+    # every banked row is one of the keys the edits wrote through
+    all_keys = editor._edit_keys(NEW_FACTS[:2])
+    for name, rows in editor._key_bank.items():
+        dist = torch.cdist(rows.double(), all_keys[name].double()).min(dim=1).values
+        assert float(dist.max()) < 1e-3 * float(all_keys[name].norm(dim=1).max())

@@ -91,8 +91,11 @@ def solve(
     config: EditConfig,
     neighbour_prompts: Sequence[str] = (),
     corpus: Mapping[str, torch.Tensor] | None = None,
+    edit_keys: Mapping[str, torch.Tensor] | None = None,
 ) -> SolveResult:
-    """Learn one edit's reflections; the model is left unchanged (hooks only)."""
+    """Learn one edit's reflections; the model is left unchanged (hooks only). ``corpus`` and
+    ``edit_keys``: per layer, the vectors whose outputs the ``corpus_weight`` and
+    ``edit_keys_weight`` penalties hold."""
     k = config.num_reflections
     if k % 2:
         raise ValueError(f"the gradient solver needs an even num_reflections (pairs), got {k}")
@@ -113,18 +116,23 @@ def solve(
         V, B = params[name], bases[name]
         return V if B is None else V - (V @ B) @ B.T
 
-    use_corpus = config.corpus_weight > 0 and bool(corpus)
-    if use_corpus:
-        samples = {t.name: corpus[t.name][:512].to(t.weight.device) for t in targets}
-        weights = {t.name: (t.weight if t.weight_layout == "out_in" else t.weight.T).detach().float() for t in targets}
-        scale = {n: float((x @ weights[n].T).pow(2).sum()) if config.side == "input" else float(x.pow(2).sum())
-                 for n, x in samples.items()}
+    weights: dict[str, torch.Tensor] = {}  # fp32 maths weights, built only for a penalty
+    penalties = []  # (weight, per-layer samples, per-layer output energy of the samples)
+    for weight, source, rows in ((config.corpus_weight, corpus, 512), (config.edit_keys_weight, edit_keys, None)):
+        if weight > 0 and source and all(t.name in source and len(source[t.name]) for t in targets):
+            if not weights:
+                weights = {t.name: (t.weight if t.weight_layout == "out_in" else t.weight.T).detach().float()
+                           for t in targets}
+            samples = {t.name: source[t.name][:rows].to(t.weight.device).float() for t in targets}
+            scale = {n: float((x @ weights[n].T).pow(2).sum()) if config.side == "input" else float(x.pow(2).sum())
+                     for n, x in samples.items()}
+            penalties.append((weight, samples, scale))
 
-    def corpus_change() -> torch.Tensor:
-        """Mean over layers of the edit's relative change of the corpus outputs (squared)."""
+    def relative_change(samples: Mapping[str, torch.Tensor], scale: Mapping[str, float]) -> torch.Tensor:
+        """Mean over layers of the edit's relative change of the samples' outputs (squared)."""
         device = targets[-1].weight.device  # summed on one device: layers may sit on several
-        total = sum((output_change(samples[t.name], effective(t.name), weights[t.name], config.side) / scale[t.name]
-                     ).to(device) for t in targets)
+        total = sum((output_change(samples[t.name], effective(t.name), weights[t.name], config.side)
+                     / max(scale[t.name], 1e-30)).to(device) for t in targets)
         return total / len(targets)
 
     positions = batch.positions(config.edit_positions)
@@ -153,8 +161,8 @@ def solve(
                     logits = last_logits(model, n_ids, n_mask, n_last)
                     kl = F.kl_div(F.log_softmax(logits, -1), base_logp, log_target=True, reduction="batchmean")
                     total = total + config.kl_weight * kl
-                if use_corpus:
-                    total = total + config.corpus_weight * corpus_change().to(total.device)
+                for weight, samples, scale in penalties:
+                    total = total + weight * relative_change(samples, scale).to(total.device)
                 opt.zero_grad(set_to_none=True)
                 total.backward()
                 opt.step()
