@@ -153,6 +153,17 @@ def test_failed_undo_changes_nothing(model, tokenizer, monkeypatch):
     assert all(torch.equal(t.weight, w[t.name]) for t in editor.targets)
 
 
+def _nan_solver(real):
+    """``real`` (an editor's ``_run_solver``) with its vectors turned to NaN."""
+
+    def solver(*args, **kwargs):
+        result = real(*args, **kwargs)
+        result.vectors = {k: v * float("nan") for k, v in result.vectors.items()}
+        return result
+
+    return solver
+
+
 def test_failed_edit_changes_nothing(model, tokenizer, monkeypatch):
     editor = MoseEditor(model, tokenizer, _config(steps=10))
     editor.edit(NEW_FACTS[0])
@@ -168,14 +179,7 @@ def test_failed_edit_changes_nothing(model, tokenizer, monkeypatch):
     assert len(editor.journal) == n1 and editor._keep is keep1
     assert all(torch.equal(t.weight, w1[t.name]) for t in editor.targets)
 
-    real = editor._run_solver
-
-    def nan_solver(*args, **kwargs):
-        result = real(*args, **kwargs)
-        result.vectors = {k: v * float("nan") for k, v in result.vectors.items()}
-        return result
-
-    monkeypatch.setattr(editor, "_run_solver", nan_solver)
+    monkeypatch.setattr(editor, "_run_solver", _nan_solver(editor._run_solver))
     with pytest.raises(ValueError, match="NaN"):
         editor.edit(NEW_FACTS[1])
     assert len(editor.journal) == n1 and all(torch.equal(t.weight, w1[t.name]) for t in editor.targets)
@@ -630,14 +634,7 @@ def test_key_bank_is_a_bounded_uniform_sample_restored_by_a_failed_edit(model, t
     seen = editor._keys_seen
     assert seen > 7 and all(keys.shape[0] == 7 for keys in editor._key_bank.values())
     bank, keys_seen = editor._key_bank, editor._keys_seen
-    real = editor._run_solver
-
-    def nan_solver(*args, **kwargs):
-        result = real(*args, **kwargs)
-        result.vectors = {k: v * float("nan") for k, v in result.vectors.items()}
-        return result
-
-    monkeypatch.setattr(editor, "_run_solver", nan_solver)
+    monkeypatch.setattr(editor, "_run_solver", _nan_solver(editor._run_solver))
     with pytest.raises(ValueError, match="NaN"):
         editor.edit(NEW_FACTS[2])
     assert editor._key_bank is bank and editor._keys_seen == keys_seen
