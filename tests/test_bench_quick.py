@@ -147,3 +147,20 @@ def test_paraphrase_yardstick_runs_on_a_saved_model(tmp_path: Path) -> None:
     assert line["records"] == [0, 2] and line["requests"] == 1  # the second record has no paraphrase
     assert 0.0 <= line["prompt_acc"] <= 1.0 and 0.0 <= line["rephrase_acc"] <= 1.0 and line["known"] in (0, 1)
     assert paraphrase_yardstick.main([*argv, "--start", "5"]) == 2
+
+
+def test_edit_memory_reports_the_editor_state_and_each_edit(tmp_path: Path, monkeypatch) -> None:
+    """``bench/edit_memory.py`` on the tiny LLaMA: one row per edit, the editor's state by part
+    (no fp32 master for an fp32 model; the journal holds 3 layers x 8 vectors x n floats per edit)."""
+    from bench import edit_memory
+
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")  # no re-exec inside the test process
+    out = tmp_path / "memory.json"
+    assert edit_memory.main(["--model", "tiny-llama", "--edits", "2", "--steps", "2", "--out", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    n, layers = doc["n"], doc["layers"]
+    assert doc["model"] == "tiny-llama" and [row["edit"] for row in doc["edits"]] == [0, 1]
+    assert all(row["steps"] <= 2 for row in doc["edits"])
+    assert doc["state"]["fp32_masters_mib"] == 0.0
+    assert doc["state"]["journal_vectors_mib"] == pytest.approx(2 * layers * 8 * n * 4 / 2**20)
+    assert doc["dense_q_per_layer_fp32_mib"] == pytest.approx(n * n * 4 / 2**20)
