@@ -35,23 +35,26 @@ def tolerance(dtype: torch.dtype, n: int = 1, k: int = 1) -> float:
     return base
 
 
-def relative_error(got: Tensor, ref: Tensor) -> float:
-    """``||got - ref||_F / ||ref||_F`` in float64 (0 when both are empty or zero)."""
+def relative_error(got: Tensor, ref: Tensor, floor: float = 0.0) -> float:
+    """``||got - ref||_F / max(||ref||_F, floor)`` in float64 (0 when both are empty or zero).
+    ``floor``: the scale below which ``ref`` counts as zero (a gradient that vanishes in exact
+    arithmetic is rounding noise of its inputs' size, not a quantity to match relatively)."""
     got64, ref64 = got.detach().double(), ref.detach().double()
-    denom = torch.linalg.vector_norm(ref64).item()
+    denom = max(torch.linalg.vector_norm(ref64).item(), floor)
     diff = torch.linalg.vector_norm(got64 - ref64).item()
     if denom == 0.0:
         return diff
     return diff / denom
 
 
-def assert_close(name: str, ref: Tensor, got: Tensor, rtol: float) -> None:
-    """Assert a relative RMS error below ``rtol``; the message names the tensor and the numbers."""
+def assert_close(name: str, ref: Tensor, got: Tensor, rtol: float, floor: float = 0.0) -> None:
+    """Assert a relative RMS error below ``rtol`` (see :func:`relative_error` for ``floor``); the
+    message names the tensor and the numbers."""
     if got.shape != ref.shape:
         raise AssertionError(f"{name}: shape {tuple(got.shape)} != reference {tuple(ref.shape)}")
     if not torch.isfinite(got).all():
         raise AssertionError(f"{name}: non-finite values in the result")
-    err = relative_error(got, ref)
+    err = relative_error(got, ref, floor)
     if not err <= rtol:
         max_abs = (got.detach().double() - ref.detach().double()).abs().max().item()
         raise AssertionError(f"{name}: relative error {err:.3e} > {rtol:.1e} (max abs diff {max_abs:.3e})")

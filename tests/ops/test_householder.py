@@ -90,7 +90,10 @@ def test_gradients_match_float64_autograd(backend, n, m, k, side, transpose):
     mk.householder_apply(Wg, Vg, side=side, transpose=transpose, backend=backend).backward(dY)
     tol = tolerance(torch.float32, max(n, m), k) * 10  # gradients chain two applies and a k x k solve
     assert_close("dW", W64.grad, Wg.grad, tol)
-    assert_close("dV", V64.grad, Vg.grad, tol)
+    # n = 1: Q = -1 whatever v is, so dV is zero up to rounding; measure it against dV's natural
+    # size ||dY|| ||W|| / ||V|| (a thousandth of it) instead of against that rounding noise.
+    floor = 1e-3 * float(dY.norm() * W.norm() / V.norm())
+    assert_close("dV", V64.grad, Vg.grad, tol, floor=floor)
 
 
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if _supports(b, torch.float64)])
