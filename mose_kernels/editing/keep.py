@@ -42,7 +42,8 @@ def principal_directions(samples: Tensor, count: int, *, exact_limit: int = 4096
         return x.new_zeros(x.shape[-1], 0, dtype=torch.float64)
     if min(x.shape) > exact_limit:
         q = min(count + 16, *x.shape)
-        v = torch.svd_lowrank(x if x.is_floating_point() else x.double(), q=q, niter=6)[2][:, :count]
+        x = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x  # no half-precision QR on the CPU
+        v = torch.svd_lowrank(x, q=q, niter=6)[2][:, :count]
         return torch.linalg.qr(v.double())[0].contiguous()
     x = x.double()
     if x.shape[0] >= x.shape[1]:

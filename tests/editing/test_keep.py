@@ -45,6 +45,8 @@ def test_principal_directions_beyond_the_exact_limit_use_a_randomized_svd(rows, 
     assert fast.dtype == torch.float64 and fast.shape == (n, count) and _orthonormality_error(fast) < 1e-12
     # the same subspace: every exact direction lies in the fast span
     assert float((exact - fast @ (fast.T @ exact)).norm()) < 1e-4
+    half = principal_directions(x.bfloat16(), count, exact_limit=min(rows, n) - 1)  # bf16 samples work too
+    assert half.dtype == torch.float64 and float((exact - half @ (half.T @ exact)).norm()) < 0.05
 
 def test_add_holds_the_keys_exactly_below_capacity():
     keep = KeepSubspace.empty(48, capacity=1.0).with_corpus(_keys(100, 48, 0), 4)
