@@ -44,9 +44,10 @@ class EditConfig:
         corpus_weight: weight of a penalty on the edit's relative change (squared) of the keep
             corpus's outputs at the edited layers: the soft counterpart of the hard corpus
             directions, acting on everything outside them (gradient solver; ``0``: off).
-        edit_keys_weight: weight of the same penalty on earlier edits' keys (a seeded uniform
-            sample of at most 8192 per layer): the soft counterpart of the keep subspace's edit
-            part, acting on what its compression released (gradient solver; ``0``: off).
+        edit_keys_weight: weight of the same penalty on earlier edits' keys (all of them, through
+            their second moment, for layers up to 4096 wide; a seeded uniform sample of 8192 for
+            wider ones): the soft counterpart of the keep subspace's edit part, acting on what its
+            compression released (gradient solver; ``0``: off).
         keep_edits: protect earlier edits' keys (their projection inputs at all positions).
         keep_tol: a key's component outside the keep subspace is added when above this fraction
             of the key batch's largest singular value.

@@ -34,12 +34,12 @@ from mose_kernels.editing.config import (
 )
 from mose_kernels.editing.journal import EditJournal, JournalEntry
 from mose_kernels.editing.keep import KeepSubspace
+from mose_kernels.editing.key_bank import KeyBank
 from mose_kernels.editing.requests import EditRequest
 from mose_kernels.editing.solvers import gradient, procrustes
 from mose_kernels.editing.solvers.common import EditError, SolveResult, model_device
 from mose_kernels.editing.tokens import batch_prompts, encode_prompt_target, pad_id
 
-KEY_BANK_ROWS = 8192  # earlier edits' keys per layer held for the edit_keys_weight penalty
 logger = logging.getLogger(__name__)
 
 _HALF = (torch.float16, torch.bfloat16)
@@ -156,8 +156,7 @@ class MoseEditor:
         self._base_svals: dict[str, Tensor] = {}
         self._keep: dict[str, KeepSubspace] | None = None
         self._corpus_acts: dict[str, Tensor] | None = None
-        self._key_bank: dict[str, Tensor] | None = None  # earlier edits' keys (edit_keys_weight)
-        self._keys_seen = 0
+        self._key_bank: KeyBank | None = None  # earlier edits' keys (edit_keys_weight)
         self._subject_pool: list[str] | None = None
         self.results: list[EditResult] = []
 
@@ -285,24 +284,6 @@ class MoseEditor:
         acts = self._activations(self._text_batches(prompts))
         return {name: k.add(acts[name], compress=False) for name, k in self._keep.items()}
 
-    def _banked(self, keys: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], int]:
-        """The key bank with ``keys`` added (a new dict; the old one is untouched): every key while
-        there is room, then a uniform sample of all keys seen (reservoir sampling, seeded by the
-        count), at most ``KEY_BANK_ROWS`` per layer."""
-        bank = self._key_bank or {name: k[:0].float() for name, k in keys.items()}
-        seen = self._keys_seen
-        rows = next(iter(keys.values())).shape[0] if keys else 0
-        out = {}
-        for name, new in keys.items():
-            kept = torch.cat([bank[name], new.float()[: max(0, KEY_BANK_ROWS - bank[name].shape[0])]])
-            gen = torch.Generator().manual_seed(self.config.seed + seen)
-            for j in range(kept.shape[0] - bank[name].shape[0], rows):  # rows that found no free slot
-                slot = int(torch.randint(0, seen + j + 1, (1,), generator=gen))
-                if slot < KEY_BANK_ROWS:
-                    kept[slot] = new[j].float()
-            out[name] = kept
-        return out, seen + rows
-
     # ------------------------------------------------------------------ editing
     def _commit(self, requests: Sequence[EditRequest], solved: SolveResult, start: float) -> list[EditResult]:
         """Multiply the solved factors (one rotation writing ``requests``) into the weights and
@@ -311,7 +292,7 @@ class MoseEditor:
         snapshot = {t.name: t.weight.data.clone() for t in self.targets if t.name in solved.vectors}
         masters = {name: m.clone() for name, m in self._masters.items()}
         keep_before, keep_state_before = self._keep, dict(self.journal.keep_state)
-        bank_before = self._key_bank, self._keys_seen
+        bank_before = self._key_bank
         length_before = len(self.journal)
         extra = dict(solved.extra)
         try:
@@ -337,7 +318,7 @@ class MoseEditor:
             if cfg.keep_edits or cfg.edit_keys_weight > 0:
                 keys = self._edit_keys(requests)
             if cfg.edit_keys_weight > 0:
-                self._key_bank, self._keys_seen = self._banked(keys)
+                self._key_bank = self._key_bank.added(keys)
             if cfg.keep_edits:
                 extra["key_residual"] = {n: self._keep[n].residual_fraction(k) for n, k in keys.items()}
                 grown = {n: k.add(keys[n]) for n, k in self._keep.items()}
@@ -357,7 +338,7 @@ class MoseEditor:
                         t.weight.data.copy_(snapshot[t.name])
             self._masters = masters
             self._keep, self.journal.keep_state = keep_before, keep_state_before
-            self._key_bank, self._keys_seen = bank_before
+            self._key_bank = bank_before
             del self.journal.entries[length_before:]
             raise
         seconds = time.perf_counter() - start
@@ -397,10 +378,10 @@ class MoseEditor:
             self._keep = self._init_keep()
         if self.config.edit_keys_weight > 0 and self._key_bank is None:
             # A loaded journal's edits: their keys on the model as it is now.
-            self._key_bank, self._keys_seen = {t.name: torch.zeros(0, t.dim(self.config.side)) for t in self.targets}, 0
+            self._key_bank = KeyBank.empty({t.name: t.dim(self.config.side) for t in self.targets}, self.config.seed)
             earlier = [r for e in self.journal for r in (e.request, *e.batch)]
             if earlier:
-                self._key_bank, self._keys_seen = self._banked(self._edit_keys(earlier))
+                self._key_bank = self._key_bank.added(self._edit_keys(earlier))
         results = []
         if sequential_edit:
             for r in reqs:
@@ -428,7 +409,7 @@ class MoseEditor:
             (request,) = requests
             return gradient.solve(self.model, self.tokenizer, self.targets, request, keep, self.config,
                                   neighbour_prompts=self.config.neighbour_prompts, corpus=self._corpus_acts,
-                                  edit_keys=self._key_bank)
+                                  edit_keys=self._key_bank.held() if self._key_bank else None)
         return procrustes.solve_batch(self.model, self.tokenizer, self.targets, requests, keep, self.config,
                                       corpus=self._corpus_acts)
 

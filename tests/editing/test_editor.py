@@ -501,8 +501,10 @@ def test_corpus_weight_shrinks_the_change_of_the_corpus_outputs(model, tokenizer
 @pytest.mark.parametrize("side", ["input", "output"])
 @pytest.mark.parametrize("pairs", [False, True])
 def test_output_change_matches_the_rotated_activations(side, pairs):
+    """The penalty from rows and from their second moment equals the change of the rotated
+    vectors' outputs, and the energy their outputs' squared norm."""
     from mose_kernels.editing.adapters import rotate_activations
-    from mose_kernels.editing.solvers.gradient import output_change
+    from mose_kernels.editing.solvers.penalty import HeldOutputs
 
     gen = torch.Generator().manual_seed(0)
     n, m = 37, 23
@@ -514,10 +516,33 @@ def test_output_change_matches_the_rotated_activations(side, pairs):
     weight = torch.randn(m, n, generator=gen, dtype=torch.float64)
     d = rotate_activations(x, Vs, side, backend="reference") - x
     expected = (d @ weight.T if side == "input" else d).pow(2).sum()
-    got = output_change(x, Vs, weight, side)
-    torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-12)
-    if pairs:
-        assert float(got) < 1e-20
+    energy = (x @ weight.T if side == "input" else x).pow(2).sum()
+    for held in (HeldOutputs(rows=x), HeldOutputs(gram=x.T @ x)):
+        got = held.change(Vs, weight, side)
+        torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-12)
+        assert held.energy(weight, side) == pytest.approx(float(energy), rel=1e-12)
+        if pairs:
+            assert float(got) < 1e-20
+    # the gradients agree too (the solver differentiates through the penalty)
+    grads = []
+    for held in (HeldOutputs(rows=x), HeldOutputs(gram=x.T @ x)):
+        V = Vs.clone().requires_grad_()
+        held.change(V, weight, side).backward()
+        grads.append(V.grad)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-9, atol=1e-12)
+
+
+def test_held_outputs_rejects_bad_input():
+    from mose_kernels.editing.solvers.penalty import HeldOutputs
+
+    with pytest.raises(ValueError, match="exactly one"):
+        HeldOutputs()
+    with pytest.raises(ValueError, match="exactly one"):
+        HeldOutputs(rows=torch.zeros(2, 3), gram=torch.zeros(3, 3))
+    with pytest.raises(ValueError, match="square"):
+        HeldOutputs(gram=torch.zeros(2, 3))
+    with pytest.raises(ValueError, match="side"):
+        HeldOutputs(rows=torch.zeros(2, 3)).energy(torch.zeros(4, 3), "both")
 
 
 def test_a_loaded_journal_keeps_its_subspaces_with_the_corpus_penalty(model, tokenizer, tmp_path):
@@ -614,8 +639,10 @@ def test_edit_keys_weight_holds_earlier_edits_outputs_the_keep_subspace_released
                             _config(keep_edits=False, keep_corpus_dirs=0, edit_keys_weight=weight, lr=0.05))
         editor.edit(NEW_FACTS[:2])
         bank = editor._edit_keys(NEW_FACTS[:2])
-        if weight:
-            assert all(editor._key_bank[name].shape == keys.shape for name, keys in bank.items())
+        if weight:  # narrow layers: the exact second moment of every key
+            assert editor._key_bank.seen == next(iter(bank.values())).shape[0]
+            first = min(editor.targets, key=lambda t: t.layer).name  # no edit changes its inputs
+            torch.testing.assert_close(editor._key_bank.grams[first], bank[first].double().T @ bank[first].double())
         nll_before = _nll(editor.model, tokenizer, NEW_FACTS[2])[0]
         editor.edit(NEW_FACTS[2])
         assert _nll(editor.model, tokenizer, NEW_FACTS[2])[0] < nll_before - 1.0
@@ -625,21 +652,38 @@ def test_edit_keys_weight_holds_earlier_edits_outputs_the_keep_subspace_released
         EditConfig(edit_keys_weight=-1.0)
 
 
-def test_key_bank_is_a_bounded_uniform_sample_restored_by_a_failed_edit(model, tokenizer, monkeypatch):
-    import mose_kernels.editing.editor as editor_module
+@pytest.mark.parametrize("wide", [False, True])
+def test_key_bank_restored_by_a_failed_edit_and_rebuilt_from_a_journal(model, tokenizer, monkeypatch, wide, tmp_path):
+    """Narrow layers bank the second moment of every key; wide ones (forced here) a bounded
+    uniform sample of them. A failed edit leaves the bank as it was; a fresh editor given the
+    saved journal rebuilds the bank from the journal's requests."""
+    import mose_kernels.editing.key_bank as key_bank
 
-    monkeypatch.setattr(editor_module, "KEY_BANK_ROWS", 7)
-    editor = MoseEditor(model, tokenizer, _config(steps=5, edit_keys_weight=10.0))
+    if wide:
+        monkeypatch.setattr(key_bank, "GRAM_MAX_DIM", 0)
+        monkeypatch.setattr(key_bank, "KEY_BANK_ROWS", 7)
+    config = _config(steps=5, edit_keys_weight=10.0)
+    editor = MoseEditor(copy.deepcopy(model), tokenizer, config)
     editor.edit(NEW_FACTS[:2])
-    seen = editor._keys_seen
-    assert seen > 7 and all(keys.shape[0] == 7 for keys in editor._key_bank.values())
-    bank, keys_seen = editor._key_bank, editor._keys_seen
+    bank = editor._key_bank
+    all_keys = editor._edit_keys(NEW_FACTS[:2])
+    assert bank.seen == next(iter(all_keys.values())).shape[0] > 7
+    if wide:
+        assert not bank.grams and all(rows.shape[0] == 7 for rows in bank.rows.values())
+        for name, rows in bank.rows.items():  # every banked row is one of the keys the edits wrote through
+            dist = torch.cdist(rows.double(), all_keys[name].double()).min(dim=1).values
+            assert float(dist.max()) < 1e-3 * float(all_keys[name].norm(dim=1).max())
+    else:
+        assert not bank.rows and set(bank.grams) == set(all_keys)
     monkeypatch.setattr(editor, "_run_solver", _nan_solver(editor._run_solver))
     with pytest.raises(ValueError, match="NaN"):
         editor.edit(NEW_FACTS[2])
-    assert editor._key_bank is bank and editor._keys_seen == keys_seen
-    # every banked row is one of the keys the edits wrote through
-    all_keys = editor._edit_keys(NEW_FACTS[:2])
-    for name, rows in editor._key_bank.items():
-        dist = torch.cdist(rows.double(), all_keys[name].double()).min(dim=1).values
-        assert float(dist.max()) < 1e-3 * float(all_keys[name].norm(dim=1).max())
+    assert editor._key_bank is bank
+    # a loaded journal: the earlier edits' keys, read on the model as it is now
+    editor.journal.save(tmp_path / "j")
+    resumed = MoseEditor(copy.deepcopy(editor.model), tokenizer, config)
+    resumed.journal = EditJournal.load(tmp_path / "j")
+    resumed.edit(NEW_FACTS[2])
+    assert resumed._key_bank.seen > bank.seen
+    with pytest.raises(ValueError, match="cover the bank's layers"):
+        bank.added({})

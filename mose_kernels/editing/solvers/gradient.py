@@ -33,8 +33,8 @@ from mose_kernels.editing.solvers.common import (
     rotation_hooks,
     target_nll,
 )
+from mose_kernels.editing.solvers.penalty import HeldOutputs
 from mose_kernels.editing.tokens import batch_prompts
-from mose_kernels.reference import wy_factor_ref
 
 logger = logging.getLogger(__name__)
 
@@ -71,17 +71,6 @@ def last_logits(model, ids: torch.Tensor, mask: torch.Tensor, last: torch.Tensor
     return logits[rows, last.to(logits.device)].float()
 
 
-def output_change(x: torch.Tensor, V: torch.Tensor, weight: torch.Tensor, side: str) -> torch.Tensor:
-    """``sum_rows ||W (Q^T x - x)||^2`` (input side) or ``||Q y - y||^2`` (output side, ``x = y``)
-    for ``Q = H(v_1)...H(v_k)``, from the compact WY form ``Q = I - V^T T V``: the change of a
-    row is ``(x V^T) T V``, so the cost is ``O(rows n k)`` and ``W`` is read as ``V W^T`` only."""
-    T = wy_factor_ref(V)
-    coeffs = x @ V.T
-    if side == "input":
-        return ((coeffs @ T) @ (V @ weight.T)).pow(2).sum()
-    return ((coeffs @ T.T) @ V).pow(2).sum()
-
-
 def solve(
     model,
     tokenizer,
@@ -91,11 +80,11 @@ def solve(
     config: EditConfig,
     neighbour_prompts: Sequence[str] = (),
     corpus: Mapping[str, torch.Tensor] | None = None,
-    edit_keys: Mapping[str, torch.Tensor] | None = None,
+    edit_keys: Mapping[str, HeldOutputs] | None = None,
 ) -> SolveResult:
-    """Learn one edit's reflections; the model is left unchanged (hooks only). ``corpus`` and
-    ``edit_keys``: per layer, the vectors whose outputs the ``corpus_weight`` and
-    ``edit_keys_weight`` penalties hold."""
+    """Learn one edit's reflections; the model is left unchanged (hooks only). ``corpus`` (rows,
+    the first 512 used) and ``edit_keys``: per layer, the vectors whose outputs the
+    ``corpus_weight`` and ``edit_keys_weight`` penalties hold."""
     k = config.num_reflections
     if k % 2:
         raise ValueError(f"the gradient solver needs an even num_reflections (pairs), got {k}")
@@ -117,22 +106,22 @@ def solve(
         return V if B is None else V - (V @ B) @ B.T
 
     weights: dict[str, torch.Tensor] = {}  # fp32 maths weights, built only for a penalty
-    penalties = []  # (weight, per-layer samples, per-layer output energy of the samples)
-    for weight, source, rows in ((config.corpus_weight, corpus, 512), (config.edit_keys_weight, edit_keys, None)):
-        if weight > 0 and source and all(t.name in source and len(source[t.name]) for t in targets):
+    penalties = []  # (weight, per-layer held vectors, per-layer output energy of those vectors)
+    corpus_held = {name: HeldOutputs(rows=x[:512]) for name, x in (corpus or {}).items()}
+    for weight, source in ((config.corpus_weight, corpus_held), (config.edit_keys_weight, edit_keys or {})):
+        if weight > 0 and all(t.name in source and not source[t.name].empty for t in targets):
             if not weights:
                 weights = {t.name: (t.weight if t.weight_layout == "out_in" else t.weight.T).detach().float()
                            for t in targets}
-            samples = {t.name: source[t.name][:rows].to(t.weight.device).float() for t in targets}
-            scale = {n: float((x @ weights[n].T).pow(2).sum()) if config.side == "input" else float(x.pow(2).sum())
-                     for n, x in samples.items()}
-            penalties.append((weight, samples, scale))
+            held = {t.name: source[t.name].to(t.weight.device) for t in targets}
+            energy = {name: h.energy(weights[name], config.side) for name, h in held.items()}
+            penalties.append((weight, held, energy))
 
-    def relative_change(samples: Mapping[str, torch.Tensor], scale: Mapping[str, float]) -> torch.Tensor:
-        """Mean over layers of the edit's relative change of the samples' outputs (squared)."""
+    def relative_change(held: Mapping[str, HeldOutputs], energy: Mapping[str, float]) -> torch.Tensor:
+        """Mean over layers of the edit's relative change of the held vectors' outputs (squared)."""
         device = targets[-1].weight.device  # summed on one device: layers may sit on several
-        total = sum((output_change(samples[t.name], effective(t.name), weights[t.name], config.side)
-                     / max(scale[t.name], 1e-30)).to(device) for t in targets)
+        total = sum((held[t.name].change(effective(t.name), weights[t.name], config.side)
+                     / max(energy[t.name], 1e-30)).to(device) for t in targets)
         return total / len(targets)
 
     positions = batch.positions(config.edit_positions)
@@ -161,8 +150,8 @@ def solve(
                     logits = last_logits(model, n_ids, n_mask, n_last)
                     kl = F.kl_div(F.log_softmax(logits, -1), base_logp, log_target=True, reduction="batchmean")
                     total = total + config.kl_weight * kl
-                for weight, samples, scale in penalties:
-                    total = total + weight * relative_change(samples, scale).to(total.device)
+                for weight, held, energy in penalties:
+                    total = total + weight * relative_change(held, energy).to(total.device)
                 opt.zero_grad(set_to_none=True)
                 total.backward()
                 opt.step()
