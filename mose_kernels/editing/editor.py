@@ -409,7 +409,7 @@ class MoseEditor:
             (request,) = requests
             return gradient.solve(self.model, self.tokenizer, self.targets, request, keep, self.config,
                                   neighbour_prompts=self.config.neighbour_prompts, corpus=self._corpus_acts,
-                                  edit_keys=self._key_bank.held() if self._key_bank else None)
+                                  edit_keys=self._key_bank.held() if self._key_bank is not None else None)
         return procrustes.solve_batch(self.model, self.tokenizer, self.targets, requests, keep, self.config,
                                       corpus=self._corpus_acts)
 
