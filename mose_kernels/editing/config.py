@@ -47,9 +47,10 @@ class EditConfig:
         edit_keys_weight: weight of the same penalty on earlier edits' keys (all of them, through
             their second moment, for layers up to 4096 wide; a seeded uniform sample of 8192 for
             wider ones): the soft counterpart of the keep subspace's edit part, acting on what its
-            compression released (gradient solver; ``0``: off). On SmolLM2 3000 raised efficacy
-            after 1000 sequential edits from 0.455 to 0.531 and lowered locality after 100 from
-            0.890 to 0.850 (README, Studies).
+            compression released. With ``keep_edits`` it is skipped for a layer until that layer's
+            keep subspace has released directions (before, it is zero up to rounding); gradient
+            solver; ``0``: off. On SmolLM2 3000 raised efficacy after 1000 sequential edits from
+            0.455 to 0.531 (README, Studies).
         keep_edits: protect earlier edits' keys (their projection inputs at all positions).
         keep_tol: a key's component outside the keep subspace is added when above this fraction
             of the key batch's largest singular value.

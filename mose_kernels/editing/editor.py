@@ -330,6 +330,7 @@ class MoseEditor:
                 }
                 self._keep = grown
             extra["keep_dims"] = {n: k.dim for n, k in self._keep.items()}
+            extra["keep_released"] = {n: k.released for n, k in self._keep.items()}
             self.journal.keep_state = {n: k.state_dict() for n, k in self._keep.items()}
         except BaseException:
             with torch.no_grad():

@@ -63,6 +63,8 @@ class KeepSubspace:
             in the ``edits`` basis ``E`` (the compression statistics).
         max_dim: most directions in total; beyond it the edit part is compressed (module doc).
         tol: relative threshold of a new direction (fraction of the batch's top singular value).
+        released: edit directions released by compression so far (``0``: every key added is
+            still held, up to ``tol``).
     """
 
     corpus: Tensor
@@ -70,6 +72,7 @@ class KeepSubspace:
     moment: Tensor
     max_dim: int
     tol: float = 1e-3
+    released: int = 0
 
     @classmethod
     def empty(cls, n: int, *, capacity: float = 0.75, max_dim: int | None = None, tol: float = 1e-3) -> KeepSubspace:
@@ -96,7 +99,7 @@ class KeepSubspace:
     def with_corpus(self, samples: Tensor, count: int) -> KeepSubspace:
         """Replace the corpus directions by the top ``count`` of ``samples`` (edits re-projected)."""
         corpus = principal_directions(samples, min(count, self.max_dim))
-        fresh = KeepSubspace(corpus, self.edits[:, :0], self.moment[:0, :0], self.max_dim, self.tol)
+        fresh = KeepSubspace(corpus, self.edits[:, :0], self.moment[:0, :0], self.max_dim, self.tol, self.released)
         if not self.edits.shape[1]:
             return fresh
         evals, evecs = torch.linalg.eigh(self.moment)  # keys with the same second moment
@@ -134,6 +137,7 @@ class KeepSubspace:
         moment = coords.T @ coords
         moment[:e_old, :e_old] += self.moment
         room = max(self.max_dim - self.corpus.shape[1], 0)
+        released = self.released
         if compress and edits.shape[1] > room:
             kept = room - max(1, room // 10) if room > 1 else room  # hysteresis (module doc)
             evals, evecs = torch.linalg.eigh(moment)
@@ -141,9 +145,10 @@ class KeepSubspace:
             logger.info("keep subspace full (%d dims): released %d edit directions carrying %.2e of the "
                         "keys' energy", self.max_dim, edits.shape[1] - kept,
                         float(evals[: evals.numel() - kept].clamp_min(0).sum() / evals.sum().clamp_min(1e-300)))
+            released += edits.shape[1] - kept
             edits = edits @ top  # orthonormal: a product of orthonormal column sets
             moment = torch.diag(torch.flip(evals[evals.numel() - kept :], dims=[0]))
-        return KeepSubspace(self.corpus, edits.contiguous(), moment, self.max_dim, self.tol)
+        return KeepSubspace(self.corpus, edits.contiguous(), moment, self.max_dim, self.tol, released)
 
     def remove_last(self, count: int, keys: Tensor) -> KeepSubspace:
         """Inverse of the ``add(keys)`` that appended the last ``count`` edit directions (no
@@ -154,7 +159,7 @@ class KeepSubspace:
         edits = self.edits[:, :e].contiguous()
         coords = keys.detach().double().cpu().reshape(-1, self.n) @ edits
         moment = self.moment[:e, :e] - coords.T @ coords
-        return KeepSubspace(self.corpus, edits, moment, self.max_dim, self.tol)
+        return KeepSubspace(self.corpus, edits, moment, self.max_dim, self.tol, self.released)
 
     def residual_fraction(self, x: Tensor) -> float:
         """``||x - P x|| / ||x||``: how much of ``x`` an edit restricted to the complement can see."""
@@ -163,10 +168,13 @@ class KeepSubspace:
         return 0.0 if norm == 0 else float(torch.linalg.vector_norm(self.project_out(x64)) / norm)
 
     def state_dict(self) -> dict[str, Tensor]:
-        return {"corpus": self.corpus, "edits": self.edits, "moment": self.moment}
+        return {"corpus": self.corpus, "edits": self.edits, "moment": self.moment,
+                "released": torch.tensor(self.released, dtype=torch.int64)}
 
     @classmethod
     def from_state(cls, state: dict[str, Tensor], max_dim: int, tol: float) -> KeepSubspace:
-        """Inverse of :meth:`state_dict`; also reads the older ``energy`` form (a diagonal moment)."""
+        """Inverse of :meth:`state_dict`; also reads older forms: the ``energy`` of a diagonal
+        moment, and no ``released`` count (read as none released)."""
         moment = state["moment"].double() if "moment" in state else torch.diag(state["energy"].double() ** 2)
-        return cls(state["corpus"].double(), state["edits"].double(), moment, max_dim, tol)
+        released = int(state["released"]) if "released" in state else 0
+        return cls(state["corpus"].double(), state["edits"].double(), moment, max_dim, tol, released)

@@ -160,8 +160,13 @@ def run_sequential(editor, model: nn.Module, tokenizer, requests: Sequence[EditR
     started = time.perf_counter()
     for i, request in enumerate(bar):
         result = editor.edit([request])[0]
-        edits.append({"case_id": request.case_id, "success": bool(result.success), "steps": int(result.steps),
-                      "final_loss": float(result.final_loss), "seconds": float(result.seconds)})
+        record = {"case_id": request.case_id, "success": bool(result.success), "steps": int(result.steps),
+                  "final_loss": float(result.final_loss), "seconds": float(result.seconds)}
+        extra = getattr(result, "extra", None) or {}
+        for key in ("keep_dims", "keep_released"):  # the largest over the edited layers
+            if extra.get(key):
+                record[key] = int(max(extra[key].values()))
+        edits.append(record)
         if "after-each" in protocols:
             after_each.extend(metrics.score_requests(model, tokenizer, [request], reference.locality[i : i + 1]))
         if i + 1 in points:

@@ -652,6 +652,28 @@ def test_edit_keys_weight_holds_earlier_edits_outputs_the_keep_subspace_released
         EditConfig(edit_keys_weight=-1.0)
 
 
+def test_edit_keys_weight_waits_until_the_keep_subspace_releases_directions(model, tokenizer):
+    """While the keep subspace holds every earlier key the edit's vectors are orthogonal to them,
+    so the penalty is skipped: the edits are bit-identical to those without it. Once compression
+    released directions it acts again."""
+    def journal_vectors(weight: float, **kw) -> tuple[MoseEditor, list]:
+        editor = MoseEditor(copy.deepcopy(model), tokenizer, _config(steps=8, edit_keys_weight=weight, **kw))
+        editor.edit(NEW_FACTS)
+        return editor, [e.vectors for e in editor.journal]
+
+    _, plain = journal_vectors(0.0)
+    editor, held = journal_vectors(100.0)
+    assert all(k.released == 0 for k in editor._keep.values())
+    for a, b in zip(plain, held, strict=True):
+        assert all(torch.equal(a[name], b[name]) for name in a)
+    # a keep subspace of 6 directions (2 corpus + 4 edit) releases keys from the first edit on
+    editor, held = journal_vectors(100.0, keep_max_dim=6)
+    _, plain = journal_vectors(0.0, keep_max_dim=6)
+    assert all(k.released > 0 for k in editor._keep.values())
+    assert all(torch.equal(plain[0][name], held[0][name]) for name in plain[0])  # no earlier keys yet
+    assert not all(torch.equal(plain[-1][name], held[-1][name]) for name in plain[-1])
+
+
 @pytest.mark.parametrize("wide", [False, True])
 def test_key_bank_restored_by_a_failed_edit_and_rebuilt_from_a_journal(model, tokenizer, monkeypatch, wide, tmp_path):
     """Narrow layers bank the second moment of every key; wide ones (forced here) a bounded

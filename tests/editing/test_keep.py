@@ -73,6 +73,7 @@ def test_compression_keeps_the_most_energetic_directions():
         keep = keep.add(weak)
         fed.append(weak)
     assert room - room // 10 <= keep.dim <= room  # compressed below capacity (hysteresis)
+    assert keep.released == 6 + 18 - keep.dim  # every direction fed and no longer held
     assert _orthonormality_error(keep.edits) < 1e-10
     # the strong keys stay protected although later, weaker keys arrived after them
     assert keep.residual_fraction(strong) < 1e-3
@@ -103,6 +104,10 @@ def test_state_round_trip_and_legacy_energy_form():
     legacy = {"corpus": keep.corpus, "edits": keep.edits, "energy": torch.tensor([3.0, 2.0, 1.0])}
     old = KeepSubspace.from_state(legacy, keep.max_dim, keep.tol)
     torch.testing.assert_close(old.moment, torch.diag(torch.tensor([9.0, 4.0, 1.0], dtype=torch.float64)))
+    assert old.released == 0  # written before the count existed
+    full = KeepSubspace.empty(24, max_dim=4).add(_keys(6, 24, 10))
+    assert full.released > 0
+    assert KeepSubspace.from_state(full.state_dict(), full.max_dim, full.tol).released == full.released
 
 
 def test_with_corpus_reprojects_edit_keys():

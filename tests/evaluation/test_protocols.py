@@ -63,6 +63,26 @@ def test_no_op_editor_keeps_base_scores(tiny_model, tiny_tokenizer, chosen):
     assert all(s["rel_change"] == 0.0 for s in final["stability"].values())
 
 
+def test_edit_records_carry_the_keep_subspace_state(tiny_model, tiny_tokenizer):
+    """Each edit's record holds its keep subspace's size and released directions (the largest
+    over the layers), so a study shows when compression began."""
+    class KeepReportingEditor(NoOpEditor):
+        def edit(self, requests):
+            self.calls += 1
+            extra = {"keep_dims": {"a": 3 * self.calls, "b": 5 * self.calls},
+                     "keep_released": {"a": 0, "b": self.calls - 1}}
+            return [EditResult(self.calls - 1, r, True, 1, 0.1, 0.0, [], extra) for r in requests]
+
+    requests = load_requests(DEMO_REQUESTS, limit=2)
+    ref = _reference(tiny_model, tiny_tokenizer, requests)
+    run = protocols.run_sequential(KeepReportingEditor(), tiny_model, tiny_tokenizer, requests, ref,
+                                   protocols=["after-each"], max_new_tokens=4, progress=False)
+    assert [(e["keep_dims"], e["keep_released"]) for e in run["edits"]] == [(5, 0), (10, 1)]
+    plain = protocols.run_sequential(NoOpEditor(), tiny_model, tiny_tokenizer, requests, ref,
+                                     protocols=["after-each"], max_new_tokens=4, progress=False)
+    assert all("keep_dims" not in e for e in plain["edits"])
+
+
 def test_after_all_reuses_the_last_checkpoint(tiny_model, tiny_tokenizer, monkeypatch):
     """The checkpoint after the last edit already scored every request on the final model: the
     after-all scores are those (one scoring pass fewer), and they match the curve's last point."""

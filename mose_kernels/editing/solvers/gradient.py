@@ -108,20 +108,26 @@ def solve(
     weights: dict[str, torch.Tensor] = {}  # fp32 maths weights, built only for a penalty
     penalties = []  # (weight, per-layer held vectors, per-layer output energy of those vectors)
     corpus_held = {name: HeldOutputs(rows=x[:512]) for name, x in (corpus or {}).items()}
-    for weight, source in ((config.corpus_weight, corpus_held), (config.edit_keys_weight, edit_keys or {})):
-        if weight > 0 and all(t.name in source and not source[t.name].empty for t in targets):
+    # While a layer's keep subspace holds every earlier key (nothing released yet), the edit's
+    # vectors are orthogonal to them and their penalty is zero up to rounding: skipped.
+    released = {t.name: not config.keep_edits or t.name not in keep or keep[t.name].released > 0 for t in targets}
+    sources = ((config.corpus_weight, corpus_held, [t.name for t in targets]),
+               (config.edit_keys_weight, edit_keys or {}, [t.name for t in targets if released[t.name]]))
+    for weight, source, names in sources:
+        if weight > 0 and names and all(t.name in source and not source[t.name].empty for t in targets):
             if not weights:
                 weights = {t.name: (t.weight if t.weight_layout == "out_in" else t.weight.T).detach().float()
                            for t in targets}
-            held = {t.name: source[t.name].to(t.weight.device) for t in targets}
+            held = {t.name: source[t.name].to(t.weight.device) for t in targets if t.name in names}
             energy = {name: h.energy(weights[name], config.side) for name, h in held.items()}
             penalties.append((weight, held, energy))
 
     def relative_change(held: Mapping[str, HeldOutputs], energy: Mapping[str, float]) -> torch.Tensor:
-        """Mean over layers of the edit's relative change of the held vectors' outputs (squared)."""
+        """The edit's relative change of the held vectors' outputs (squared), summed over the held
+        layers and divided by the number of edited layers."""
         device = targets[-1].weight.device  # summed on one device: layers may sit on several
         total = sum((held[t.name].change(effective(t.name), weights[t.name], config.side)
-                     / max(energy[t.name], 1e-30)).to(device) for t in targets)
+                     / max(energy[t.name], 1e-30)).to(device) for t in targets if t.name in held)
         return total / len(targets)
 
     positions = batch.positions(config.edit_positions)
