@@ -50,7 +50,7 @@ class EditConfig:
             compression released. With ``keep_edits`` it is skipped for a layer until that layer's
             keep subspace has released directions (before, it is zero up to rounding); gradient
             solver; ``0``: off. On SmolLM2 3000 raised efficacy after 1000 sequential edits from
-            0.455 to 0.531 (README, Studies).
+            0.455 to 0.516-0.531 (README, Studies); it is in that preset.
         keep_edits: protect earlier edits' keys (their projection inputs at all positions).
         keep_tol: a key's component outside the keep subspace is added when above this fraction
             of the key batch's largest singular value.
