@@ -165,9 +165,14 @@ def render_markdown(study: dict[str, Any], *, title: str, header: dict[str, str]
     ref = study["reference"]
     lines = [f"# {title}", ""]
     lines += [f"- **{k}**: {v}" for k, v in header.items()]
+    if "mose" in study["methods"]:
+        settings = f"- **MOSE settings**: `{json.dumps(_settings(study['config']))}`"
+    else:  # the baselines read only the layers from the config
+        settings = (f"- **layers**: {list(study['config'].get('layers', []))} (FT-M edits all of them, "
+                    "ROME-style and AlphaEdit-style the middle one)")
     lines += [f"- **edited requests**: {study['num_requests']}, edited one after another (sequential editing)",
               f"- **protocols**: {', '.join(study['protocols'])}",
-              f"- **MOSE settings**: `{json.dumps(_settings(study['config']))}`",
+              settings,
               "", "Metric definitions: `mose_kernels/evaluation/METRICS.md` (token-level = EasyEdit, "
               "ES/PS/NS and magnitudes = MEMIT CounterFact). Locality always compares with the base model.", ""]
     for key in ("after_each", "after_all"):

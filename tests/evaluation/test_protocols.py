@@ -10,7 +10,7 @@ from mose_kernels.editing.config import EditConfig
 from mose_kernels.editing.editor import EditResult
 from mose_kernels.editing.requests import load_requests
 from mose_kernels.evaluation import protocols
-from mose_kernels.evaluation.report import PLOTS, write_report
+from mose_kernels.evaluation.report import PLOTS, render_markdown, write_report
 from tests.evaluation.tiny import DEMO_REQUESTS, PERPLEXITY_TEXT
 
 PROBES = [("Bees make", "honey"), ("The first month of the year is", "January")]
@@ -135,6 +135,10 @@ def test_study_and_report(tiny_model, tiny_tokenizer, tmp_path):
     for name in PLOTS:
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert f"({name})" in text
+    assert "MOSE settings" in text
+    baselines = {**study, "methods": {m: r for m, r in study["methods"].items() if m != "mose"}}
+    text = render_markdown(baselines, title="baselines", header={})
+    assert "MOSE settings" not in text and "- **layers**: [1, 2] (FT-M edits all of them" in text
 
 
 def test_unknown_method(tiny_model, tiny_tokenizer):
