@@ -75,9 +75,12 @@ class EditConfig:
             up), never on SmolLM2 or GPT-2 small.
         procrustes_lambda: weight of the corpus-preservation term of the closed form.
         value_steps, value_lr: ROME-style search of the target value (procrustes solver).
-        isolate_subject: procrustes solver: also keep the rotation off the edit prompt's other
-            positions (prompt, target and prefixed copies), so within the prompt it acts on the
-            subject's last token alone, where the target was searched.
+        isolate_subject: keep the rotation off the edit prompt's other positions too (prompt,
+            target and prefixed copies; for this edit only: the keep subspace takes those keys
+            after the commit anyway), so within the prompt it acts on the subject's last token
+            alone: where the procrustes solver searched the target, and where the gradient
+            solver's committed rotation then acts exactly as while solving (otherwise it also
+            turns the subject's leading tokens, shared with other entities, and the relation's).
         backend: kernel backend of the commit and of the solver's autograd.
         keep_fp32_master: half-precision models keep an fp32 copy of each edited weight.
         seed: seed of the vector initialisation.

@@ -353,9 +353,10 @@ def test_procrustes_target_moves_only_outside_the_keep_subspace(model, tokenizer
         torch.testing.assert_close(rotated, b[0], rtol=0, atol=1e-4 * float(a.norm()))
 
 
+@pytest.mark.parametrize("solver", ["procrustes", "gradient"])
 @pytest.mark.parametrize("side", ["input", "output"])
-def test_procrustes_isolated_edit_acts_on_the_subject_token_alone(model, tokenizer, side):
-    config = _config("procrustes", side, layers=[1], isolate_subject=True,
+def test_isolated_edit_acts_on_the_subject_token_alone(model, tokenizer, solver, side):
+    config = _config(solver, side, layers=[1], isolate_subject=True,
                      context_prefixes=["Michel Rocard is a native speaker of French."])
     editor = MoseEditor(model, tokenizer, config)
     request = replace(NEW_FACTS[0], subject="The capital of France")

@@ -6,14 +6,15 @@ import copy
 import inspect
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mose_kernels.editing.adapters import EditTarget, rotate_activations, token_grid
+from mose_kernels.editing.adapters import EditTarget, capture_io, rotate_activations, token_grid
+from mose_kernels.editing.keep import KeepSubspace
 from mose_kernels.editing.requests import EditRequest
 from mose_kernels.editing.tokens import batch_prompt_targets, subject_token_span
 
@@ -243,3 +244,31 @@ def finalize_vectors(raw: Mapping[str, Tensor], keep: Mapping, *, what: str) -> 
             raise EditError(f"{what}: a Householder vector of {name} vanished (no room outside the keep subspace)")
         out[name] = v64
     return out
+
+
+def rotated_vectors(model, targets: Sequence[EditTarget], batch: TargetBatch, side: str) -> dict[str, Tensor]:
+    """``(B, L, n)`` vectors each target's rotation acts on (inputs, or bias-free outputs), unedited model."""
+    with torch.no_grad(), capture_io(targets) as io:
+        model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+    out = {}
+    for t in targets:
+        x, y = io[t.name][0]
+        vec = x if side == "input" else (y - t.bias if t.bias is not None else y)
+        out[t.name] = token_grid(vec, batch.input_ids.shape)
+    return out
+
+
+def keep_other_positions(targets: Sequence[EditTarget], batch: TargetBatch, vectors: Mapping[str, Tensor],
+                          keep: Mapping[str, KeepSubspace], side: str, tol: float) -> dict[str, KeepSubspace]:
+    """``keep`` grown (for this edit only, with no capacity limit) by ``vectors`` (see
+    :func:`rotated_vectors`) at every position of ``batch`` except each row's last subject token."""
+    rows = torch.arange(batch.input_ids.shape[0], device=batch.input_ids.device)
+    others = batch.attention_mask.bool().clone()
+    others[rows, batch.subject_last()] = False
+    grown = dict(keep)
+    for t in targets:
+        vec = vectors[t.name]
+        n = t.dim(side)
+        base = keep[t.name] if t.name in keep else KeepSubspace.empty(n, capacity=1.0, tol=tol)
+        grown[t.name] = replace(base, max_dim=n).add(vec[others.to(vec.device)])
+    return grown

@@ -29,7 +29,9 @@ from mose_kernels.editing.solvers.common import (
     TargetBatch,
     finalize_vectors,
     frozen,
+    keep_other_positions,
     model_device,
+    rotated_vectors,
     rotation_hooks,
     target_nll,
 )
@@ -90,6 +92,9 @@ def solve(
         raise ValueError(f"the gradient solver needs an even num_reflections (pairs), got {k}")
     device = model_device(model)
     batch = TargetBatch.build(tokenizer, request, config.context_prefixes, device)
+    if config.isolate_subject:  # the committed rotation then acts, within the prompt, as it did while solving
+        keep = keep_other_positions(targets, batch, rotated_vectors(model, targets, batch, config.side), keep,
+                                    config.side, config.keep_tol)
     gen = torch.Generator().manual_seed(config.seed)
     params, bases = {}, {}
     for t in targets:

@@ -16,12 +16,11 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import replace
 
 import torch
 from torch import Tensor
 
-from mose_kernels.editing.adapters import EditTarget, capture_io, token_grid
+from mose_kernels.editing.adapters import EditTarget, token_grid
 from mose_kernels.editing.config import EditConfig
 from mose_kernels.editing.keep import KeepSubspace
 from mose_kernels.editing.requests import EditRequest
@@ -31,7 +30,9 @@ from mose_kernels.editing.solvers.common import (
     TargetBatch,
     finalize_vectors,
     frozen,
+    keep_other_positions,
     model_device,
+    rotated_vectors,
     target_nll,
 )
 
@@ -67,29 +68,17 @@ def reflections_of(M: Tensor) -> Tensor:
     return torch.stack(rows) if rows else M.new_zeros(0, r)
 
 
-def _rotated_vectors(model, targets: Sequence[EditTarget], batch: TargetBatch, side: str) -> dict[str, Tensor]:
-    """``(B, L, n)`` vectors each target's rotation acts on (inputs, or bias-free outputs), unedited model."""
-    with torch.no_grad(), capture_io(targets) as io:
-        model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
-    out = {}
-    for t in targets:
-        x, y = io[t.name][0]
-        vec = x if side == "input" else (y - t.bias if t.bias is not None else y)
-        out[t.name] = token_grid(vec, batch.input_ids.shape)
-    return out
-
-
 def _search_targets(model, targets, batch, config, keep: Mapping[str, KeepSubspace],
                     vectors: Mapping[str, Tensor] | None = None
                     ) -> tuple[dict[str, Tensor], dict[str, Tensor], int, float, bool]:
     """ROME-style target search: per layer, a shared offset at the subject's last token, moving only
     the vector's component outside the layer's keep subspace (at constant norm). ``vectors``:
-    :func:`_rotated_vectors` of ``batch`` if already computed."""
+    :func:`rotated_vectors` of ``batch`` if already computed."""
     side = config.side
     rows = torch.arange(batch.input_ids.shape[0], device=batch.input_ids.device)
     pos = batch.subject_last()
     if vectors is None:
-        vectors = _rotated_vectors(model, targets, batch, side)
+        vectors = rotated_vectors(model, targets, batch, side)
     base = {t.name: vectors[t.name][rows.to(vectors[t.name].device), pos.to(vectors[t.name].device)].float()
             for t in targets}
     deltas = {t.name: torch.zeros(t.dim(side), device=t.weight.device, requires_grad=True) for t in targets}
@@ -169,22 +158,6 @@ def rotation_vectors(
     return reflections_of(Q) @ U.T
 
 
-def _with_other_positions(targets: Sequence[EditTarget], batch: TargetBatch, vectors: Mapping[str, Tensor],
-                          keep: Mapping[str, KeepSubspace], side: str, tol: float) -> dict[str, KeepSubspace]:
-    """``keep`` grown (for this edit only, with no capacity limit) by ``vectors`` (see
-    :func:`_rotated_vectors`) at every position of ``batch`` except each row's last subject token."""
-    rows = torch.arange(batch.input_ids.shape[0], device=batch.input_ids.device)
-    others = batch.attention_mask.bool().clone()
-    others[rows, batch.subject_last()] = False
-    grown = dict(keep)
-    for t in targets:
-        vec = vectors[t.name]
-        n = t.dim(side)
-        base = keep[t.name] if t.name in keep else KeepSubspace.empty(n, capacity=1.0, tol=tol)
-        grown[t.name] = replace(base, max_dim=n).add(vec[others.to(vec.device)])
-    return grown
-
-
 def solve(
     model,
     tokenizer,
@@ -214,10 +187,10 @@ def solve_batch(
         raise ValueError("solve_batch needs at least one request")
     device = model_device(model)
     batches = [TargetBatch.build(tokenizer, r, config.context_prefixes, device) for r in requests]
-    acts = [_rotated_vectors(model, targets, b, config.side) for b in batches]
+    acts = [rotated_vectors(model, targets, b, config.side) for b in batches]
     if config.isolate_subject:  # every request's other positions are kept off by the joint rotation
         for b, a in zip(batches, acts, strict=True):
-            keep = _with_other_positions(targets, b, a, keep, config.side, config.keep_tol)
+            keep = keep_other_positions(targets, b, a, keep, config.side, config.keep_tol)
     bases: dict[str, list[Tensor]] = {t.name: [] for t in targets}
     goals: dict[str, list[Tensor]] = {t.name: [] for t in targets}
     steps, losses, success = 0, [], True
