@@ -8,9 +8,10 @@ import torch
 
 from mose_kernels import householder_matrix
 from mose_kernels.editing import EditConfig, EditError, EditJournal, EditRequest, MoseEditor, capture_io, edit
+from mose_kernels.editing.adapters import token_grid
 from mose_kernels.editing.config import preset_for
 from mose_kernels.editing.solvers import procrustes
-from mose_kernels.editing.solvers.common import TargetBatch, target_nll
+from mose_kernels.editing.solvers.common import TargetBatch, rotated_vectors, target_nll
 from mose_kernels.editing.solvers.gradient import NormalizedMomentum
 
 from .conftest import FACTS
@@ -379,6 +380,19 @@ def test_isolated_edit_acts_on_the_subject_token_alone(model, tokenizer, solver,
     assert (after[rows, last] - before[rows, last]).norm(dim=-1).min() > 1e-3 * scale
     # keep_tol drops the weakest key directions, so the other positions move by at most ~keep_tol
     assert (after[others] - before[others]).norm(dim=-1).max() < 1e-2 * scale
+
+
+def test_rotated_vectors_stop_at_the_last_target_and_match_a_full_forward(model, tokenizer):
+    editor = MoseEditor(model, tokenizer, _config(layers=[0, 2]))
+    batch = TargetBatch.build(tokenizer, NEW_FACTS[0], ["Michel Rocard is a native speaker of French."], "cpu")
+    with torch.no_grad(), capture_io(editor.targets) as io:
+        model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+    for side in ("input", "output"):
+        got = rotated_vectors(model, editor.targets, batch, side)
+        for t in editor.targets:
+            x, y = io[t.name][0]
+            want = x if side == "input" else (y - t.bias if t.bias is not None else y)
+            torch.testing.assert_close(got[t.name], token_grid(want, batch.input_ids.shape), rtol=0, atol=0)
 
 
 def test_edit_positions_masks(tokenizer):

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mose_kernels.editing.adapters import EditTarget, capture_io, rotate_activations, token_grid
+from mose_kernels.editing.adapters import EditTarget, capture_activations, rotate_activations, token_grid
 from mose_kernels.editing.keep import KeepSubspace
 from mose_kernels.editing.requests import EditRequest
 from mose_kernels.editing.tokens import batch_prompt_targets, subject_token_span
@@ -247,12 +247,13 @@ def finalize_vectors(raw: Mapping[str, Tensor], keep: Mapping, *, what: str) -> 
 
 
 def rotated_vectors(model, targets: Sequence[EditTarget], batch: TargetBatch, side: str) -> dict[str, Tensor]:
-    """``(B, L, n)`` vectors each target's rotation acts on (inputs, or bias-free outputs), unedited model."""
-    with torch.no_grad(), capture_io(targets) as io:
-        model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+    """``(B, L, n)`` vectors each target's rotation acts on (inputs, or bias-free outputs), unedited
+    model (run only as far as the last target)."""
+    with torch.no_grad():
+        io = capture_activations(model, targets, input_ids=batch.input_ids, attention_mask=batch.attention_mask)
     out = {}
     for t in targets:
-        x, y = io[t.name][0]
+        x, y = io[t.name]
         vec = x if side == "input" else (y - t.bias if t.bias is not None else y)
         out[t.name] = token_grid(vec, batch.input_ids.shape)
     return out
