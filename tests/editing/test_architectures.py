@@ -125,9 +125,10 @@ def test_step_window_without_positions_runs_every_token(arch_model, tokenizer):
 def test_edit_lowers_the_target_nll_keeps_the_spectrum_and_undoes(arch_model, tokenizer, solver):
     config = dict(layers=[0, 1], solver=solver, num_reflections=8, steps=60, lr=0.1, edit_positions="all",
                   keep_corpus=[p for p, _ in FACTS], keep_corpus_dirs=2, value_steps=60, value_lr=2.0,
-                  procrustes_lambda=0.0)
+                  procrustes_lambda=0.0, isolate_subject=False)
     # A 2-layer model routes little from the subject onwards: the closed form, which edits at the
-    # subject's last token, gets the whole prompt as its subject (as in test_editor.py).
+    # subject's last token, gets the whole prompt as its subject (as in test_editor.py), and the
+    # gradient solver is not isolated to that token (the SmolLM2 preset's isolate_subject).
     request = REQUEST if solver == "gradient" else EditRequest(REQUEST.prompt, REQUEST.prompt, REQUEST.target_new)
     editor = MoseEditor(arch_model, tokenizer, config)
     base = {t.name: t.weight.detach().clone() for t in editor.targets}
