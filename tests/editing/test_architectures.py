@@ -128,7 +128,7 @@ def test_edit_lowers_the_target_nll_keeps_the_spectrum_and_undoes(arch_model, to
                   procrustes_lambda=0.0, isolate_subject=False)
     # A 2-layer model routes little from the subject onwards: the closed form, which edits at the
     # subject's last token, gets the whole prompt as its subject (as in test_editor.py), and the
-    # gradient solver is not isolated to that token (the SmolLM2 preset's isolate_subject).
+    # gradient solver is not isolated to that token (pinned off whatever the preset says).
     request = REQUEST if solver == "gradient" else EditRequest(REQUEST.prompt, REQUEST.prompt, REQUEST.target_new)
     editor = MoseEditor(arch_model, tokenizer, config)
     base = {t.name: t.weight.detach().clone() for t in editor.targets}

@@ -27,8 +27,8 @@ def _config(solver="gradient", side="input", **kw) -> dict:
     base = dict(layers=[0, 1, 2], solver=solver, side=side, num_reflections=8, steps=60, lr=0.1, edit_positions="all",
                 keep_corpus=[p for p, _ in FACTS], keep_corpus_dirs=2, value_steps=60, value_lr=2.0,
                 procrustes_lambda=0.0, corpus_weight=0.0, isolate_subject=False)
-    # isolate_subject (the SmolLM2 preset's, which tiny LLaMA models inherit) leaves only the
-    # subject's last token to carry an edit, and these 3-layer models route little from it.
+    # isolate_subject leaves only the subject's last token to carry an edit, and these 3-layer
+    # models route little from it: pinned off whatever the preset says.
     base.update(kw)
     return base
 
